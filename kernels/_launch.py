@@ -1,0 +1,130 @@
+"""Launchers: turn validated tensors (already viewed as (batch, head, seq, dim) strides) into
+kernel arguments, pick the tile configuration, allocate nothing but outputs and workspace."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import _runtime
+from .configs import TileConfig, tile_config
+
+LOG2E = math.log2(math.e)
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ScoreArgs:
+    """Everything that shapes the scores, in the form the kernels take."""
+
+    sm_scale: float
+    causal: bool
+    window_left: int  # -1: unbounded
+    window_right: int  # -1: unbounded (already 0 when causal)
+    softcap: float
+    attn_mask: torch.Tensor | None  # broadcast view (B, H, Sq, Sk); bool or floating
+    alibi_slopes: torch.Tensor | None  # (B, H) view, float32
+
+    def kernel_args(self) -> dict:
+        if self.softcap > 0:
+            qk_scale, softcap = self.sm_scale / self.softcap, self.softcap * LOG2E
+        else:
+            qk_scale, softcap = self.sm_scale * LOG2E, 0.0
+        mask = self.attn_mask
+        if mask is None:
+            mask_kind, keys_only = MASK_NONE, True
+        else:
+            mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+            keys_only = mask.stride(2) == 0
+        return dict(
+            qk_scale=qk_scale, softcap=softcap,
+            window_left=max(self.window_left, 0), window_right=max(self.window_right, 0),
+            BOUNDED_LEFT=self.window_left >= 0, BOUNDED_RIGHT=self.window_right >= 0,
+            MASK_KIND=mask_kind, MASK_KEYS_ONLY=keys_only,
+            HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.alibi_slopes is not None,
+        )
+
+    def mask_arg(self, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self.attn_mask is None:
+            return fallback, (0, 0, 0, 0)
+        mask = self.attn_mask
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+        return mask, mask.stride()
+
+    def alibi_arg(self, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self.alibi_slopes is None:
+            return fallback, (0, 0)
+        return self.alibi_slopes, self.alibi_slopes.stride()
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_v2(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    args: ScoreArgs, *, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
+    config: TileConfig | None = None,
+) -> None:
+    """FA2 kernel. q/out (B, H, Sq, D), k/v (B, Hkv, Sk, D), lse (B, H, Sq) as strided views.
+    Varlen: B = 1 views of packed tokens, the batch given by cu_seqlens (B + 1,) int32."""
+    device = q.device
+    kernel = _runtime.kernel_module("v2", device).attention_fwd_v2
+    _, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    rows = max_seqlen_q if varlen else Sq
+    cfg = config or tile_config("v2", device, D, q.dtype, args.causal)
+    mask, mask_strides = args.mask_arg(q)
+    alibi, alibi_strides = args.alibi_arg(q)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    grid = (triton.cdiv(rows, cfg.block_m), batch * H)
+    with _runtime.launch_context(device):
+        kernel[grid](
+            q, k, v, out, lse, mask, alibi, cu_q, cu_k,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            *mask_strides, *alibi_strides,
+            H, H // Hkv, Sq, Sk,
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            IS_VARLEN=varlen, STORE_LSE=True,
+            DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **args.kernel_args(),
+        )
+
+
+def forward_v1(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    args: ScoreArgs, *, config: TileConfig | None = None,
+) -> None:
+    """FA1-schedule kernel; shapes as in ``forward_v2`` (no varlen). Allocates a float32
+    workspace of (B*H, Sq, next_pow2(D)) plus two (B*H, Sq) vectors."""
+    device = q.device
+    kernel = _runtime.kernel_module("v1", device).attention_fwd_v1
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    cfg = config or tile_config("v1", device, D, q.dtype, args.causal)
+    block_d = _block_d(D)
+    acc = torch.empty((B * H, Sq, block_d), device=device, dtype=torch.float32)
+    m = torch.empty((B * H, Sq), device=device, dtype=torch.float32)
+    ell = torch.empty_like(m)
+    mask, mask_strides = args.mask_arg(q)
+    alibi, alibi_strides = args.alibi_arg(q)
+    with _runtime.launch_context(device):
+        kernel[(B * H,)](
+            q, k, v, out, lse, acc, m, ell, mask, alibi,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            *mask_strides, *alibi_strides,
+            H, H // Hkv, Sq, Sk,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            STORE_LSE=True, DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **args.kernel_args(),
+        )

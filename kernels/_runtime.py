@@ -1,0 +1,75 @@
+"""Where kernels run: compiled for CUDA tensors, through Triton's interpreter for CPU tensors.
+
+The interpreter is chosen when a function is decorated, not when it is launched, so the jit
+sources in ``kernels/_triton`` are imported twice: once as ``kernels._triton`` (compiled), and
+once, with the interpreter knob on, as ``kernels._triton_interpreted`` (a synthetic package over
+the same folder). Nothing is set by the caller, and compiling for CUDA keeps working in the same
+process. An interpreted launch patches ``triton.language`` for the whole process, so interpreted
+launches are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+import triton
+
+_COMPILED = "kernels._triton"
+_INTERPRETED = "kernels._triton_interpreted"
+_import_lock = threading.Lock()
+_interpreter_lock = threading.Lock()
+
+
+def kernel_module(name: str, device: torch.device) -> ModuleType:
+    """The module ``kernels/_triton/<name>.py`` built for ``device`` (compiled or interpreted)."""
+    if device.type == "cuda":
+        return importlib.import_module(f"{_COMPILED}.{name}")
+    if device.type == "cpu":
+        return _interpreted_module(name)
+    raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
+
+
+def _interpreted_module(name: str) -> ModuleType:
+    full_name = f"{_INTERPRETED}.{name}"
+    module = sys.modules.get(full_name)
+    if module is not None:
+        return module
+    with _import_lock:
+        if _INTERPRETED not in sys.modules:
+            compiled = importlib.import_module(_COMPILED)
+            package = types.ModuleType(_INTERPRETED, compiled.__doc__)
+            package.__path__ = list(compiled.__path__)
+            sys.modules[_INTERPRETED] = package
+        previous = triton.knobs.runtime.interpret
+        triton.knobs.runtime.interpret = True
+        try:
+            return importlib.import_module(full_name)
+        finally:
+            triton.knobs.runtime.interpret = previous
+
+
+@contextlib.contextmanager
+def launch_context(device: torch.device) -> Iterator[None]:
+    """Launch on ``device`` and its current stream; serialise interpreted launches."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        with _interpreter_lock:
+            yield
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot precision for float32 inputs: TF32 on the GPU only when torch's float32 matmul
+    precision is not "highest" (torch's default is "highest"); the interpreter is exact."""
+    if dtype == torch.float32 and device.type == "cuda":
+        if torch.get_float32_matmul_precision() != "highest":
+            return "tf32"
+    return "ieee"

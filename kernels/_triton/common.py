@@ -1,0 +1,160 @@
+"""Jit helpers shared by every kernel: scores with their modifiers, the online-softmax step,
+the final normalisation, and bounds-checked tile loads.
+
+Conventions (one place for all kernels):
+- scores are kept in log2 units, natural scores times log2(e), so softmax uses ``exp2``;
+- query row i and key column j are aligned bottom-right: ``rel = i + (Sk - Sq) - j``;
+  causal is ``rel >= 0``, a window (left, right) is ``-right <= rel <= left``;
+- a row that sees no key keeps ``m = -inf`` and ``l = 0`` and is finalised to 0 (lse -inf).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+MASK_NONE: tl.constexpr = 0
+MASK_BOOL: tl.constexpr = 1
+MASK_FLOAT: tl.constexpr = 2
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def row_max(x):
+    """Max over axis 1 of a 2-D tile."""
+    return tl.reduce(x, 1, _maximum)
+
+
+@triton.jit
+def row_sum(x):
+    """Sum over axis 1 of a 2-D tile."""
+    return tl.reduce(x, 1, _add)
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2; saturates to +-1 without overflow trouble."""
+    e = tl.exp2(x * (2.0 * LOG2E))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [R, C] tile, zero-filling rows >= n_rows and columns >= n_cols where asked."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def scores(
+    q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+    qk_scale, softcap, slope, mask_base, stride_mn,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Scores of a q tile [BM, BD] against a k tile [BN, BD], in log2 units, [BM, BN].
+
+    qk_scale is sm_scale*log2(e), or sm_scale/softcap when HAS_SOFTCAP (softcap then holds
+    softcap*log2(e)); slope is the ALiBi slope times log2(e), a scalar or a [BM, 1] tile.
+    mask_base points at the mask row of each query row ([BM] pointers), or at the one row
+    shared by the tile when MASK_KEYS_ONLY (a scalar pointer: one BN-vector per K block).
+    With CHECK_BOUNDS, keys past seqlen_k and outside the causal/window band become -inf.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        s = softcap * tanh(s * qk_scale)
+    else:
+        s = s * qk_scale
+    rel = offs_m[:, None] + diag - offs_n[None, :]
+    if HAS_ALIBI:
+        s -= slope * tl.abs(rel).to(tl.float32)
+    if MASK_KIND != MASK_NONE:
+        if MASK_KEYS_ONLY:
+            mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)[None, :]
+        else:
+            mvals = tl.load(
+                mask_base[:, None] + offs_n[None, :] * stride_mn,
+                mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :],
+                other=0,
+            )
+        if MASK_KIND == MASK_BOOL:
+            s = tl.where(mvals != 0, s, float("-inf"))
+        else:
+            s += mvals.to(tl.float32) * LOG2E
+    if CHECK_BOUNDS:
+        valid = offs_n[None, :] < seqlen_k
+        if BOUNDED_RIGHT:
+            valid = valid & (rel >= -window_right)
+        if BOUNDED_LEFT:
+            valid = valid & (rel <= window_left)
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: fold scores s [BM, BN] and values v [BN, BD] into the running
+    unnormalised output acc [BM, BD], row max m_i and row sum l_i (log2 units)."""
+    m_new = tl.maximum(m_i, row_max(s))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + row_sum(p)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finalize(acc, m_i, l_i):
+    """Normalised output [BM, BD] and natural-log lse [BM]; rows with no key give 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    return out, lse
+
+
+@triton.jit
+def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
+    """Key blocks seen by query rows [start_m, start_m + BLOCK_M), split in three ranges:
+    [lo, a) and [c, hi) need bounds masks, [a, c) needs none (whole blocks inside the band
+    and inside the sequence). Blocks outside [lo, hi) are never visited."""
+    diag = seqlen_k - seqlen_q
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if BOUNDED_RIGHT:
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag + window_right, 0))
+        full_hi = tl.minimum(
+            full_hi, tl.maximum(start_m + diag + window_right + 1, 0) // BLOCK_N * BLOCK_N)
+    if BOUNDED_LEFT:
+        lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = (tl.maximum(start_m + BLOCK_M - 1 + diag - window_left, 0) + BLOCK_N - 1) \
+            // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    c = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, c, hi

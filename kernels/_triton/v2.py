@@ -1,0 +1,136 @@
+"""FlashAttention-2 forward: one program per (query block, batch*head); K/V stream through the
+inner loop; normalisation deferred to the end; bounds masks only on the blocks that need them.
+
+Tensors arrive as 4-D (batch, head, seq, dim) strides, so BHSD and BSHD inputs (and any other
+view) run the same code. With IS_VARLEN, rows of batch b are rows cu[b]..cu[b+1] of a packed
+sequence and the batch stride is unused.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, finalize, key_range, load_tile, scores, softmax_update
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, k_base, v_base, start, stop, offs_m, offs_nb, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
+    stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    k_tile = k_base + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = v_base + offs_nb[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    for start_n in range(start, stop, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        offs_n = start_n + offs_nb
+        k = load_tile(k_tile + n64 * stride_kn, offs_n, seqlen_k, offs_d, HEAD_DIM,
+                      CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+        s = scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+                   qk_scale, softcap, slope, mask_base, stride_mn,
+                   MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS,
+                   BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+        v = load_tile(v_tile + n64 * stride_vn, offs_n, seqlen_k, offs_d, HEAD_DIM,
+                      CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attention_fwd_v2(
+    Q, K, V, O, LSE, MASK, ALIBI, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
+    H, GROUP, Sq, Sk, qk_scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    if IS_VARLEN:
+        q_first = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_first
+        k_first = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_first
+        q_row0 = q_first.to(tl.int64)
+        k_row0 = k_first.to(tl.int64)
+        b64 = tl.full([], 0, tl.int64)
+    else:
+        seqlen_q = Sq
+        seqlen_k = Sk
+        q_row0 = tl.full([], 0, tl.int64)
+        k_row0 = tl.full([], 0, tl.int64)
+        b64 = b.to(tl.int64)
+    if start_m < seqlen_q:
+        h64 = h.to(tl.int64)
+        kvh64 = kvh.to(tl.int64)
+        diag = seqlen_k - seqlen_q
+        offs_mb = tl.arange(0, BLOCK_M)
+        offs_m = start_m + offs_mb
+        row0 = q_row0 + start_m
+        offs_nb = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+        q = load_tile(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                      offs_m, seqlen_q, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_row0 * stride_kn
+        v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_row0 * stride_vn
+
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + b64 * stride_ab + h64 * stride_ah).to(tl.float32) * LOG2E
+        mask_base = MASK + b64 * stride_mb + h64 * stride_mh
+        if not MASK_KEYS_ONLY:
+            mask_base = mask_base + offs_m.to(tl.int64) * stride_mm
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+
+        lo, a, c, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                 BLOCK_M, BLOCK_N, BOUNDED_LEFT, BOUNDED_RIGHT)
+        # Leading blocks cut by the left edge of a window, then the unmasked interior, then the
+        # diagonal band / sequence tail.
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, k_base, v_base, lo, a, offs_m, offs_nb, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, k_base, v_base, a, c, offs_m, offs_nb, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+            False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, k_base, v_base, c, hi, offs_m, offs_nb, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+
+        out, lse = finalize(acc, m_i, l_i)
+        o_base = O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
+        o_ptrs = o_base + offs_mb[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty),
+                 mask=(offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :])
+        if STORE_LSE:
+            l_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + (row0 + offs_mb) * stride_lm
+            tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)

@@ -1,0 +1,333 @@
+"""Public entry points: validation, layout handling, output allocation, and the custom op that
+torch.compile and autograd see.
+
+Layouts are a matter of strides: a BSHD tensor is handed to the kernels as its (1, 2)
+transpose, a view, so both layouts run the same kernels without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, overload
+
+import torch
+
+from . import _launch
+from ._launch import ScoreArgs
+from .torch_attention import attention_backward
+
+Variant = Literal["v1", "v2", "auto"]
+_VARIANTS = ("v1", "v2", "auto")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_qkv(q: object, k: object, v: object, layout: str, rank: int = 4) -> None:
+    """Validate q, k, v for ``layout`` ("bhsd", "bshd" or "thd" for packed varlen)."""
+    dims = {"bhsd": "(batch, heads, seq_len, head_dim)",
+            "bshd": "(batch, seq_len, heads, head_dim)",
+            "thd": "(total_tokens, heads, head_dim)"}[layout]
+    tensors = {"q": _check_tensor("q", q), "k": _check_tensor("k", k), "v": _check_tensor("v", v)}
+    for name, x in tensors.items():
+        if x.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {dims}, got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; expected float16, bfloat16 or float32")
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q must be on a CUDA or CPU device, got {q.device}")
+    head_axis = {"bhsd": 1, "bshd": 2, "thd": 1}[layout]
+    seq_axis = {"bhsd": 2, "bshd": 1, "thd": 0}[layout]
+    if layout != "thd" and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes of q, k, v differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
+    if v.shape[head_axis] != kv_heads:
+        raise ValueError(f"k and v must have the same number of heads, got {kv_heads} and "
+                         f"{v.shape[head_axis]}")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads})")
+    if k.shape[seq_axis] != v.shape[seq_axis]:
+        raise ValueError(f"k and v must have the same seq_len, got {k.shape[seq_axis]} and "
+                         f"{v.shape[seq_axis]}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"head_dim of q, k, v must match, got {head_dim}, {k.shape[-1]}, "
+                         f"{v.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _check_variant(variant: object) -> None:
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+
+
+def score_args(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, *, causal: bool,
+               softmax_scale: float | None, attn_mask: torch.Tensor | None,
+               window_size: tuple[int, int], softcap: float,
+               alibi_slopes: torch.Tensor | None) -> ScoreArgs:
+    """Validate the score options against q (B, H, Sq, D) and k (B, Hkv, Sk, D) views and
+    return them in kernel form (mask and slopes as broadcast views, never copied on CUDA)."""
+    batch, heads, seqlen_q, head_dim = q_bhsd.shape
+    seqlen_k = k_bhsd.shape[2]
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got "
+                         f"{window_size!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0: off), got {softcap!r}")
+    left, right = window_size
+    if causal:
+        right = 0
+    return ScoreArgs(
+        sm_scale=float(softmax_scale), causal=causal, window_left=left, window_right=right,
+        softcap=float(softcap),
+        attn_mask=_prepare_mask(attn_mask, q_bhsd, batch, heads, seqlen_q, seqlen_k),
+        alibi_slopes=_prepare_alibi(alibi_slopes, q_bhsd, batch, heads),
+    )
+
+
+def _prepare_mask(mask: object, q: torch.Tensor, batch: int, heads: int, seqlen_q: int,
+                  seqlen_k: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = _check_tensor("attn_mask", mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = take part) or floating (added to the "
+                        f"scores), got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"attn_mask is on {mask.device} but q is on {q.device}")
+    if mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attn_mask requires grad, but the kernels give no gradient to masks; "
+                         "detach it, or compute this call with torch's SDPA")
+    target = (batch, heads, seqlen_q, seqlen_k)
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    try:
+        view = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(target)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(batch, heads, seq_q, seq_k) = {target}") from None
+    if q.device.type == "cpu" and view.is_floating_point() and view.dtype != torch.float32:
+        view = view.float()  # the interpreter computes bf16 wrongly; CPU only
+    return view
+
+
+def _prepare_alibi(slopes: object, q: torch.Tensor, batch: int, heads: int
+                   ) -> torch.Tensor | None:
+    if slopes is None:
+        return None
+    slopes = _check_tensor("alibi_slopes", slopes)
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {q.device}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got "
+                         f"{tuple(slopes.shape)}")
+    return slopes.expand(batch, heads)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+def _run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs,
+                variant: str, bshd: bool, cu_seqlens_q: torch.Tensor | None,
+                cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate outputs in q's layout and launch. q/k/v in the user's layout."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    varlen = cu_seqlens_q is not None
+    if varlen:  # (T, H, D) -> a (1, H, T, D) view
+        lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+        views = [x.unsqueeze(0).transpose(1, 2) for x in (q, k, v, out)]
+        lse_view = lse.unsqueeze(0)
+    else:
+        batch, heads, seqlen_q = (q.shape[0], q.shape[2], q.shape[1]) if bshd else q.shape[:3]
+        lse = torch.empty((batch, heads, seqlen_q), device=q.device, dtype=torch.float32)
+        views = [x.transpose(1, 2) if bshd else x for x in (q, k, v, out)]
+        lse_view = lse
+    qv, kv, vv, ov = views
+    if out.numel() == 0 or kv.shape[2] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # The interpreter computes bf16 wrongly: run in float32 and round the output once.
+        out32 = torch.empty(ov.shape, dtype=torch.float32)
+        _dispatch(qv.float(), kv.float(), vv.float(), out32, lse_view, args, variant,
+                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+        ov.copy_(out32)
+    else:
+        _dispatch(qv, kv, vv, ov, lse_view, args, variant, cu_seqlens_q, cu_seqlens_k,
+                  max_seqlen_q)
+    return out, lse
+
+
+def _dispatch(q, k, v, out, lse, args, variant, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
+    if variant == "v1":
+        _launch.forward_v1(q, k, v, out, lse, args)
+    elif variant == "v2":
+        _launch.forward_v2(q, k, v, out, lse, args, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+    else:
+        raise ValueError(f"unknown kernel variant {variant!r}")
+
+
+@torch.library.custom_op("flashattn::attention_fwd", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, bshd: bool, variant: str,
+    causal: bool, sm_scale: float, window_left: int, window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
+                     alibi_slopes)
+    return _run_kernel(q, k, v, args, variant, bshd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+
+
+@_attention_op.register_fake
+def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, bshd, variant, causal, sm_scale, window_left, window_right,
+                       softcap):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if cu_seqlens_q is not None:
+        shape = (q.shape[1], q.shape[0])
+    else:
+        shape = (q.shape[0], q.shape[2], q.shape[1]) if bshd else tuple(q.shape[:3])
+    return out, q.new_empty(shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, _, bshd, _, causal, sm_scale, window_left,
+     window_right, softcap) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes)
+    ctx.bshd = bshd
+    ctx.varlen = cu_q is not None
+    ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    if ctx.varlen:
+        raise NotImplementedError("flash_attention_varlen has no backward yet")
+    q, k, v, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
+    sm_scale, causal, window_left, window_right, softcap = ctx.scalars
+    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
+                     alibi_slopes)
+    swap = (lambda x: x.transpose(1, 2)) if ctx.bshd else (lambda x: x)
+    dq, dk, dv = attention_backward(swap(grad_out), grad_lse, swap(q), swap(k), swap(v),
+                                    swap(out), lse, args)
+    return (swap(dq), swap(dk), swap(dv)) + (None,) * 12
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, variant: str,
+              causal: bool, softmax_scale: float | None, return_lse: bool,
+              attn_mask: torch.Tensor | None, window_size: tuple[int, int], softcap: float,
+              alibi_slopes: torch.Tensor | None):
+    """Shared body of the dense entry points (q/k/v already validated for ``layout``)."""
+    bshd = layout == "bshd"
+    qv, kv = (q.transpose(1, 2), k.transpose(1, 2)) if bshd else (q, k)
+    args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=attn_mask,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+    if variant == "auto":
+        from .selector import choose_variant
+        variant = choose_variant(q.device, batch=qv.shape[0], heads=qv.shape[1],
+                                 seq_len=qv.shape[2], seq_len_k=kv.shape[2],
+                                 head_dim=qv.shape[3], kv_heads=kv.shape[1], dtype=q.dtype,
+                                 causal=causal)
+    out, lse = _attention_op(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, bshd,
+                             variant, causal, args.sm_scale, args.window_left,
+                             args.window_right, args.softcap)
+    return (out, lse) if return_lse else out
+
+
+@overload
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = ...,
+                    softmax_scale: float | None = ..., variant: Variant = ...,
+                    return_lse: Literal[False] = ..., attn_mask: torch.Tensor | None = ...,
+                    window_size: tuple[int, int] = ..., softcap: float = ...,
+                    alibi_slopes: torch.Tensor | None = ...) -> torch.Tensor: ...
+@overload
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = ...,
+                    softmax_scale: float | None = ..., variant: Variant = ...,
+                    return_lse: Literal[True], attn_mask: torch.Tensor | None = ...,
+                    window_size: tuple[int, int] = ..., softcap: float = ...,
+                    alibi_slopes: torch.Tensor | None = ...
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, variant="v1",
+                    return_lse=False, attn_mask=None, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None):
+    """Attention on (batch, heads, seq_len, head_dim) tensors ("BHSD", PyTorch's layout).
+
+    Args:
+        q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D) with H % Hkv == 0 (GQA/MQA: query head h
+            reads K/V head h // (H // Hkv), without copying K/V). float16, bfloat16 or
+            float32, D from 1 to 256, any strides. CUDA tensors run compiled kernels; CPU
+            tensors run the same kernels through Triton's interpreter.
+        causal: query i sees key j iff j <= i + Sk - Sq (aligned bottom-right).
+        softmax_scale: defaults to 1 / sqrt(D).
+        variant: "v1" (FlashAttention-1 schedule, the default of the layout guide), "v2"
+            (FlashAttention-2 on the BHSD strides, no copy) or "auto" (BackendSelector's
+            choice). **"auto" is the fast choice**; "v1" is kept for reference.
+        return_lse: also return the natural-log log-sum-exp (B, H, Sq), float32, -inf for rows
+            that see no key.
+        attn_mask: SDPA's convention, broadcastable to (B, H, Sq, Sk): bool (True = take
+            part) or floating (added to the scaled scores). Broadcast dims are read with
+            stride 0. Combined with ``causal`` and ``window_size`` when given.
+        window_size: (left, right), flash-attn's sliding window: query i sees keys j with
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right; -1 is unbounded; right is 0 when
+            causal.
+        softcap: when > 0, scores become softcap * tanh(scores / softcap) after scaling and
+            before masks and ALiBi.
+        alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Sk - Sq - j|.
+
+    Returns:
+        out (B, H, Sq, D) in q's dtype, and lse (B, H, Sq) if ``return_lse``. A row that sees
+        no key gives 0 (lse -inf). Float32 inputs use TF32 matrix units on the GPU only when
+        ``torch.get_float32_matmul_precision()`` is not "highest". Differentiable in q, k, v
+        (backward recomputed blockwise in PyTorch, see ``kernels.torch_attention``).
+    """
+    check_qkv(q, k, v, "bhsd")
+    _check_variant(variant)
+    return attention(q, k, v, layout="bhsd", variant=variant, causal=causal,
+                     softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
+                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+
+
+def flash_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       causal: bool = False, softmax_scale: float | None = None,
+                       return_lse: bool = False, attn_mask: torch.Tensor | None = None,
+                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                       alibi_slopes: torch.Tensor | None = None):
+    """FlashAttention-2 on (batch, seq_len, heads, head_dim) tensors ("BSHD", flash-attn's
+    layout): q (B, Sq, H, D), k/v (B, Sk, Hkv, D); returns (B, Sq, H, D) and, with
+    ``return_lse``, lse (B, H, Sq). Every option means what it means in ``flash_attention``;
+    ``attn_mask`` still broadcasts to (B, H, Sq, Sk) whatever the layout."""
+    check_qkv(q, k, v, "bshd")
+    return attention(q, k, v, layout="bshd", variant="v2", causal=causal,
+                     softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
+                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)

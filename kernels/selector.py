@@ -1,0 +1,85 @@
+"""BackendSelector: which kernel to run for a GPU and a shape.
+
+The rule (measured on an H100, see benchmarks/RESULTS.md):
+- V2 (FlashAttention-2) on every GPU and shape it supports: it was faster than V1 at every
+  benchmark shape, because V1's schedule parallelises over batch*heads only and round-trips
+  its running output through a float32 workspace for every K/V block.
+- V1 is chosen only when asked for by name.
+CPU tensors follow the same rule (the interpreter runs either kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .api import attention, check_qkv
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(capability: tuple[int, int], batch: int, heads: int, seq_len: int, seq_len_k: int,
+            head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool) -> str:
+    return "v2"
+
+
+def choose_variant(device: torch.device, *, batch: int, heads: int, seq_len: int,
+                   seq_len_k: int, head_dim: int, kv_heads: int, dtype: torch.dtype,
+                   causal: bool) -> str:
+    """The variant the selector picks; cached per (capability, shape, dtype, causal) key."""
+    return _choose(_capability(device), batch, heads, seq_len, seq_len_k, head_dim, kv_heads,
+                   dtype, causal)
+
+
+@dataclass(frozen=True)
+class SelectedKernel:
+    """A kernel chosen for a shape. Calling it with any valid q, k, v (of its layout, or the
+    one passed as ``layout=``) computes the right answer with its variant."""
+
+    variant: str
+    layout: str = "bhsd"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 layout: str | None = None, causal: bool = False,
+                 softmax_scale: float | None = None, return_lse: bool = False,
+                 attn_mask: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+                 softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
+        """q (B, H, Sq, D) and k, v (B, Hkv, Sk, D) for layout "bhsd"; (B, S, H, D) for "bshd".
+        Returns the output in the same layout (and lse (B, H, Sq) with ``return_lse``)."""
+        layout = self.layout if layout is None else layout
+        if layout not in ("bhsd", "bshd"):
+            raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+        check_qkv(q, k, v, layout)
+        return attention(q, k, v, layout=layout, variant=self.variant, causal=causal,
+                         softmax_scale=softmax_scale, return_lse=return_lse,
+                         attn_mask=attn_mask, window_size=window_size, softcap=softcap,
+                         alibi_slopes=alibi_slopes)
+
+
+class BackendSelector:
+    """Picks a kernel for a GPU and a shape (see the module docstring for the rule)."""
+
+    def select_attention(self, batch: int, heads: int, seq_len: int, head_dim: int, *,
+                         seq_len_k: int | None = None, kv_heads: int | None = None,
+                         dtype: torch.dtype = torch.float16, causal: bool = False,
+                         device: torch.device | str | None = None,
+                         layout: str = "bhsd") -> SelectedKernel:
+        """Return a callable kernel with ``.variant`` and ``.layout`` for this shape.
+        ``device`` defaults to the current CUDA device when there is one, else the CPU."""
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        variant = choose_variant(
+            device, batch=batch, heads=heads, seq_len=seq_len,
+            seq_len_k=seq_len if seq_len_k is None else seq_len_k, head_dim=head_dim,
+            kv_heads=heads if kv_heads is None else kv_heads, dtype=dtype, causal=causal)
+        return SelectedKernel(variant=variant, layout=layout)
