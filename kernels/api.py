@@ -331,3 +331,50 @@ def flash_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return attention(q, k, v, layout="bshd", variant="v2", causal=causal,
                      softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                           softmax_scale: float | None = None,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, return_lse: bool = False):
+    """Attention over packed sequences of different lengths, flash-attn's
+    ``flash_attn_varlen_func`` semantics (options keyword-only, no dropout).
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, Hkv, D) with H % Hkv == 0.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative lengths starting at 0;
+            sequence b is rows cu[b]:cu[b + 1]. Causal and windows align each sequence's
+            queries to its keys bottom-right, as in ``flash_attention``.
+        max_seqlen_q, max_seqlen_k: upper bounds of the lengths (the grid is sized by
+            max_seqlen_q; no host read of the cumulative lengths).
+        alibi_slopes: float32 (H,) or (batch, H).
+
+    Returns:
+        out (total_q, H, D), and lse (H, total_q) float32 with ``return_lse``.
+    """
+    check_qkv(q, k, v, "thd", rank=3)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, cu)
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of batch + 1 >= 2 offsets, "
+                             f"got {cu.dtype} of shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    batch = cu_seqlens_q.shape[0] - 1
+    # Score options see (batch, H, max_seqlen_q, D)-shaped views; only shapes are read.
+    qv = q.new_empty(1).expand(batch, q.shape[1], max_seqlen_q, q.shape[2])
+    kv = k.new_empty(1).expand(batch, k.shape[1], max_seqlen_k, k.shape[2])
+    args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=None,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+    out, lse = _attention_op(q, k, v, None, args.alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, False, "v2", causal, args.sm_scale,
+                             args.window_left, args.window_right, args.softcap)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,1 @@
+"""PyTorch modules and the Hugging Face patcher built on the kernels."""
