@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host tensor descriptors: pointer kernels only
+    TensorDescriptor = None
+
 from . import _runtime
 from .configs import TileConfig, tile_config
 
@@ -65,6 +70,27 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors (TMA) need Hopper or newer, a 16-byte aligned base, unit last stride
+    and 16-byte aligned, non-zero other strides; otherwise the kernels use pointers."""
+    t0 = tensors[0]
+    if TensorDescriptor is None or t0.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1:
+            return False
+        if any(s == 0 or (s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
+
+
 def forward_v2(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     args: ScoreArgs, *, cu_seqlens_q: torch.Tensor | None = None,
@@ -86,14 +112,21 @@ def forward_v2(
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     grid = (triton.cdiv(rows, cfg.block_m), batch * H)
+    block_d = _block_d(D)
+    use_tma = _tma_ok(q, k, v)
+    if use_tma:
+        q_src = _descriptor(q, cfg.block_m, block_d)
+        k_src, v_src = (_descriptor(x, cfg.block_n, block_d) for x in (k, v))
+    else:
+        q_src, k_src, v_src = q, k, v
     with _runtime.launch_context(device):
         kernel[grid](
-            q, k, v, out, lse, mask, alibi, cu_q, cu_k,
+            q_src, k_src, v_src, out, lse, mask, alibi, cu_q, cu_k,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             *mask_strides, *alibi_strides,
             H, H // Hkv, Sq, Sk,
-            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IS_VARLEN=varlen, STORE_LSE=True,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            IS_VARLEN=varlen, STORE_LSE=True, USE_TMA=use_tma,
             DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **args.kernel_args(),

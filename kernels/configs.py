@@ -23,29 +23,36 @@ class TileConfig:
 
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
-# (variant, head_dim upper bound, is_fp32) -> config; the first row whose bound >= head_dim wins.
-_CUDA_TABLE: dict[tuple[str, bool], list[tuple[int, TileConfig]]] = {
-    ("v2", False): [
-        (64, TileConfig(128, 64, 4, 3)),
-        (128, TileConfig(128, 64, 8, 3)),
+# (variant, is_fp32, causal) -> [(head_dim upper bound, config)]: the first row whose bound is
+# >= head_dim wins. fp16/bf16 V2 rows: best of the 2026-11-24 H100 sweep (benchmarks/NOTES.md),
+# triton 3.6, tensor descriptors; the float32 and V1 rows are sized to fit shared memory.
+_CUDA_TABLE: dict[tuple[str, bool, bool], list[tuple[int, TileConfig]]] = {
+    ("v2", False, False): [
+        (64, TileConfig(64, 64, 4, 2)),
+        (128, TileConfig(128, 128, 8, 3)),
         (256, TileConfig(64, 64, 4, 2)),
     ],
-    ("v2", True): [
+    ("v2", False, True): [
+        (64, TileConfig(128, 64, 4, 3)),
+        (128, TileConfig(128, 128, 8, 3)),
+        (256, TileConfig(64, 64, 4, 2)),
+    ],
+}
+for _causal in (False, True):
+    _CUDA_TABLE[("v2", True, _causal)] = [
         (64, TileConfig(64, 64, 4, 2)),
         (128, TileConfig(64, 32, 4, 2)),
         (256, TileConfig(32, 32, 4, 1)),
-    ],
-    ("v1", False): [
-        (64, TileConfig(64, 64, 4, 1)),
+    ]
+    _CUDA_TABLE[("v1", False, _causal)] = [
         (128, TileConfig(64, 64, 4, 1)),
         (256, TileConfig(32, 32, 4, 1)),
-    ],
-    ("v1", True): [
+    ]
+    _CUDA_TABLE[("v1", True, _causal)] = [
         (64, TileConfig(64, 32, 4, 1)),
         (128, TileConfig(32, 32, 4, 1)),
         (256, TileConfig(16, 32, 4, 1)),
-    ],
-}
+    ]
 
 
 def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.dtype,
@@ -53,7 +60,7 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
     """The tile configuration a kernel launch uses."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    rows = _CUDA_TABLE[(variant, dtype == torch.float32)]
+    rows = _CUDA_TABLE[(variant, dtype == torch.float32, causal)]
     for bound, cfg in rows:
         if head_dim <= bound:
             return cfg

@@ -13,29 +13,46 @@ from .common import LOG2E, finalize, key_range, load_tile, scores, softmax_updat
 
 
 @triton.jit
+def _load_kv(src, b, head, row0, start_n, offs_nb, offs_d, seqlen, stride_n, stride_d,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] K or V tile of key rows start_n.. of a sequence that starts at
+    row0. TMA mode: ``src`` is a (B, H, S, D) tensor descriptor (rows and columns out of the
+    tensor read as zeros; rows of a next packed sequence are masked by the scores); pointer
+    mode: ``src`` points at (b, head, row0) and bounds are checked where needed."""
+    if USE_TMA:
+        tile = src.load([b, head, row0 + start_n, 0]).reshape([BLOCK_N, BLOCK_D])
+    else:
+        ptrs = src + tl.cast(start_n, tl.int64) * stride_n \
+            + offs_nb[:, None] * stride_n + offs_d[None, :] * stride_d
+        tile = load_tile(ptrs, start_n + offs_nb, seqlen, offs_d, HEAD_DIM,
+                         CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+    return tile
+
+
+@triton.jit
 def _attend_range(
-    acc, m_i, l_i, q, k_base, v_base, start, stop, offs_m, offs_nb, offs_d,
+    acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd,
     seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
     stride_mn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
-    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    k_tile = k_base + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = v_base + offs_nb[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    """Fold key blocks [start, stop) into (acc, m_i, l_i); row0 is the first key row of the
+    sequence in K/V (non-zero for varlen)."""
     for start_n in range(start, stop, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
         offs_n = start_n + offs_nb
-        k = load_tile(k_tile + n64 * stride_kn, offs_n, seqlen_k, offs_d, HEAD_DIM,
-                      CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+        k = _load_kv(k_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
+                     stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
         s = scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
                    qk_scale, softcap, slope, mask_base, stride_mn,
                    MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS,
                    BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
-        v = load_tile(v_tile + n64 * stride_vn, offs_n, seqlen_k, offs_d, HEAD_DIM,
-                      CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+        v = _load_kv(v_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
+                     stride_vn, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -55,76 +72,84 @@ def attention_fwd_v2(
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Q, K, V are pointers, or (B, H, S, D) tensor descriptors with blocks [1, 1, BLOCK_*,
+    BLOCK_D] when USE_TMA; O, LSE, MASK, ALIBI are pointers."""
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    seq = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
+    b = seq
     if IS_VARLEN:
-        q_first = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_first
-        k_first = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_first
-        q_row0 = q_first.to(tl.int64)
-        k_row0 = k_first.to(tl.int64)
-        b64 = tl.full([], 0, tl.int64)
+        q_row0 = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_row0
+        k_row0 = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_row0
+        b = 0  # packed sequences share the one batch entry of the (1, H, T, D) views
     else:
+        q_row0 = 0
+        k_row0 = 0
         seqlen_q = Sq
         seqlen_k = Sk
-        q_row0 = tl.full([], 0, tl.int64)
-        k_row0 = tl.full([], 0, tl.int64)
-        b64 = b.to(tl.int64)
     if start_m < seqlen_q:
-        h64 = h.to(tl.int64)
-        kvh64 = kvh.to(tl.int64)
+        b64 = tl.cast(b, tl.int64)
+        h64 = tl.cast(h, tl.int64)
+        kvh64 = tl.cast(kvh, tl.int64)
+        row0 = tl.cast(q_row0 + start_m, tl.int64)
         diag = seqlen_k - seqlen_q
         offs_mb = tl.arange(0, BLOCK_M)
         offs_m = start_m + offs_mb
-        row0 = q_row0 + start_m
         offs_nb = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
 
-        q_base = Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
-        q = load_tile(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                      offs_m, seqlen_q, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-        k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_row0 * stride_kn
-        v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_row0 * stride_vn
+        if USE_TMA:
+            q = Q.load([b, h, q_row0 + start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+            k_src = K
+            v_src = V
+        else:
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+            q = load_tile(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                          offs_m, seqlen_q, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+            k_row64 = tl.cast(k_row0, tl.int64)
+            k_src = K + b64 * stride_kb + kvh64 * stride_kh + k_row64 * stride_kn
+            v_src = V + b64 * stride_vb + kvh64 * stride_vh + k_row64 * stride_vn
 
         slope = 0.0
         if HAS_ALIBI:
-            slope = tl.load(ALIBI + b64 * stride_ab + h64 * stride_ah).to(tl.float32) * LOG2E
+            slope = tl.load(ALIBI + tl.cast(seq, tl.int64) * stride_ab + h64 * stride_ah)
+            slope = slope.to(tl.float32) * LOG2E
         mask_base = MASK + b64 * stride_mb + h64 * stride_mh
         if not MASK_KEYS_ONLY:
             mask_base = mask_base + offs_m.to(tl.int64) * stride_mm
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
         lo, a, c, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                  BLOCK_M, BLOCK_N, BOUNDED_LEFT, BOUNDED_RIGHT)
         # Leading blocks cut by the left edge of a window, then the unmasked interior, then the
-        # diagonal band / sequence tail.
+        # diagonal band and the sequence tail.
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, lo, a, offs_m, offs_nb, offs_d,
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, a, c, offs_m, offs_nb, offs_d,
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, a, c, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+            False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, c, hi, offs_m, offs_nb, offs_d,
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, c, hi, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
 
         out, lse = finalize(acc, m_i, l_i)
         o_base = O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
