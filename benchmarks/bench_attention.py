@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                 err = ((out.float() - ref).norm() / ref.norm()).item()
                                 if not err < 2e-2:
                                     print(f"  !! {name} rel err {err:.2e}", flush=True)
-                            ms = triton.testing.do_bench(lambda f=fn, a=kk, b=vv: f(q, a, b),
+                            ms = triton.testing.do_bench(lambda f=fn, q=q, a=kk, b=vv: f(q, a, b),
                                                          return_mode="median")
                             result[name] = flops / ms * 1e-9
                         except Exception as exc:  # a peer may not support a shape

@@ -10,6 +10,7 @@ import argparse
 import itertools
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -40,8 +41,8 @@ def main() -> None:
                          ("flash", SDPBackend.FLASH_ATTENTION)):
             with sdpa_kernel(be):
                 ms = triton.testing.do_bench(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=causal), return_mode="median")
+                    lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=c), return_mode="median")
             peers[name] = flops / ms * 1e-9
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         args = score_args(q, k, causal=causal, softmax_scale=None, attn_mask=None,
@@ -55,7 +56,8 @@ def main() -> None:
                 _launch.forward_v2(q, k, v, out, lse, args, config=cfg)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 ms = triton.testing.do_bench(
-                    lambda c=cfg: _launch.forward_v2(q, k, v, out, lse, args, config=c),
+                    lambda c=cfg, q=q, k=k, v=v, o=out, m=lse, a=args: _launch.forward_v2(
+                        q, k, v, o, m, a, config=c),
                     return_mode="median")
                 results.append((flops / ms * 1e-9, cfg, err))
             except Exception as exc:

@@ -88,7 +88,8 @@ def score_args(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, *, causal: bool,
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        raise TypeError(f"softmax_scale must be a float or None, got "
+                        f"{type(softmax_scale).__name__}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got "

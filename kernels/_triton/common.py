@@ -53,7 +53,8 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
     """Load a [R, C] tile, zero-filling rows >= n_rows and columns >= n_cols where asked."""
     if CHECK_ROWS:
         if CHECK_COLS:
-            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :],
+                           other=0.0)
         else:
             tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
     else:
@@ -90,7 +91,8 @@ def scores(
         s -= slope * tl.abs(rel).to(tl.float32)
     if MASK_KIND != MASK_NONE:
         if MASK_KEYS_ONLY:
-            mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)[None, :]
+            mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)
+            mvals = mvals[None, :]
         else:
             mvals = tl.load(
                 mask_base[:, None] + offs_n[None, :] * stride_mn,

@@ -59,9 +59,10 @@ def attention_fwd_v1(
 
     for start_n in range(0, Sk, BLOCK_N):
         offs_n = start_n + offs_nb
-        k = load_tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        rows_n = offs_n[:, None].to(tl.int64)
+        k = load_tile(k_base + rows_n * stride_kn + offs_d[None, :] * stride_kd,
                       offs_n, Sk, offs_d, HEAD_DIM, True, not EVEN_D)
-        v = load_tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+        v = load_tile(v_base + rows_n * stride_vn + offs_d[None, :] * stride_vd,
                       offs_n, Sk, offs_d, HEAD_DIM, True, not EVEN_D)
         # Query rows that see some key of this block: i + diag - left <= j <= i + diag + right.
         m_lo = 0
