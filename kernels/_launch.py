@@ -161,3 +161,52 @@ def forward_v1(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **args.kernel_args(),
         )
+
+
+def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) -> int:
+    """Enough splits for about four programs per multiprocessor, each at least four blocks."""
+    if device.type == "cuda":
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 4
+    return max(1, min(triton.cdiv(programs, groups), triton.cdiv(seqlen_k, 4 * block_n)))
+
+
+def forward_splitkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    args: ScoreArgs, *, num_splits: int | None = None, config: TileConfig | None = None,
+) -> None:
+    """Split-KV kernel and merge; shapes as in ``forward_v2`` (no varlen). Allocates float32
+    partials of (B, H, splits, Sq, next_pow2(D)) and (B, H, splits, Sq)."""
+    device = q.device
+    module = _runtime.kernel_module("decode", device)
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    block_d = _block_d(D)
+    cfg = config or tile_config("splitkv", device, D, q.dtype, args.causal)
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(group * Sq)))
+    splits = num_splits or _num_splits(device, B * Hkv, Sk, cfg.block_n)
+    split_len = triton.cdiv(triton.cdiv(Sk, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(Sk, split_len)
+    o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
+    lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
+    mask, mask_strides = args.mask_arg(q)
+    alibi, alibi_strides = args.alibi_arg(q)
+    kargs = args.kernel_args()
+    if args.attn_mask is not None:  # rows span heads here: keys-only needs no head stride
+        kargs["MASK_KEYS_ONLY"] = mask_strides[1] == 0 and mask_strides[2] == 0
+    with _runtime.launch_context(device):
+        module.attention_fwd_splitkv[(splits, B * Hkv, triton.cdiv(group * Sq, block_m))](
+            q, k, v, o_part, lse_part, mask, alibi,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
+            H, group, Sq, Sk, split_len,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            NUM_SPLITS=splits, DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kargs,
+        )
+        module.merge_splits[(B * H, Sq)](
+            o_part, lse_part, out, lse, *out.stride(), *lse.stride(), H, Sq,
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+        )

@@ -186,6 +186,8 @@ def _run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreAr
 def _dispatch(q, k, v, out, lse, args, variant, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
     if variant == "v1":
         _launch.forward_v1(q, k, v, out, lse, args)
+    elif variant == "splitkv":
+        _launch.forward_splitkv(q, k, v, out, lse, args)
     elif variant == "v2":
         _launch.forward_v2(q, k, v, out, lse, args, cu_seqlens_q=cu_seqlens_q,
                            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)

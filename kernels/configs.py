@@ -53,6 +53,15 @@ for _causal in (False, True):
         (128, TileConfig(32, 32, 4, 1)),
         (256, TileConfig(16, 32, 4, 1)),
     ]
+    # Split-KV decode: memory-bound; block_m is the cap on (GQA group x query rows) per tile.
+    _CUDA_TABLE[("splitkv", False, _causal)] = [
+        (128, TileConfig(64, 64, 4, 3)),
+        (256, TileConfig(32, 32, 4, 2)),
+    ]
+    _CUDA_TABLE[("splitkv", True, _causal)] = [
+        (128, TileConfig(32, 32, 4, 2)),
+        (256, TileConfig(16, 32, 4, 1)),
+    ]
 
 
 def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.dtype,

@@ -1,11 +1,14 @@
 """BackendSelector: which kernel to run for a GPU and a shape.
 
 The rule (measured on an H100, see benchmarks/RESULTS.md):
-- V2 (FlashAttention-2) on every GPU and shape it supports: it was faster than V1 at every
-  benchmark shape, because V1's schedule parallelises over batch*heads only and round-trips
-  its running output through a float32 workspace for every K/V block.
-- V1 is chosen only when asked for by name.
-CPU tensors follow the same rule (the interpreter runs either kernel).
+- "splitkv" (split-KV flash-decoding) for short query blocks against long caches:
+  seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K. A plain FlashAttention grid has one
+  program per 128 query rows, so a decode step would leave most multiprocessors idle.
+- otherwise "v2" (FlashAttention-2) on every GPU: it was faster than V1 at every benchmark
+  shape, because V1's schedule parallelises over batch*heads only and round-trips its running
+  output through a float32 workspace for every K/V block. V1 runs only when asked for by name.
+CPU tensors follow the same rule (the interpreter runs every kernel). Choices are cached per
+(capability, shape, dtype, causal) key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch
 
 from .api import attention, check_qkv
 
+DECODE_MAX_Q = 16
+DECODE_MIN_K = 1024
+
 
 def _capability(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
@@ -27,6 +33,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4096)
 def _choose(capability: tuple[int, int], batch: int, heads: int, seq_len: int, seq_len_k: int,
             head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool) -> str:
+    if seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K:
+        return "splitkv"
     return "v2"
 
 

@@ -30,15 +30,13 @@ def _add(a, b):
 
 
 @triton.jit
-def row_max(x):
-    """Max over axis 1 of a 2-D tile."""
-    return tl.reduce(x, 1, _maximum)
+def max_along(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _maximum)
 
 
 @triton.jit
-def row_sum(x):
-    """Sum over axis 1 of a 2-D tile."""
-    return tl.reduce(x, 1, _add)
+def sum_along(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
 
 
 @triton.jit
@@ -117,11 +115,11 @@ def scores(
 def softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
     """One online-softmax step: fold scores s [BM, BN] and values v [BN, BD] into the running
     unnormalised output acc [BM, BD], row max m_i and row sum l_i (log2 units)."""
-    m_new = tl.maximum(m_i, row_max(s))
+    m_new = tl.maximum(m_i, max_along(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + row_sum(p)
+    l_i = l_i * alpha + sum_along(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i

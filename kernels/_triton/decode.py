@@ -1,0 +1,124 @@
+"""Split-KV ("flash-decoding") forward for a few query rows against a long KV cache.
+
+``attention_fwd_splitkv``: one program per (K/V split, batch*kv_head, row block). Its rows are
+(query head of the GQA group, query row) pairs, so the group's heads read each K/V tile once.
+It writes each split's normalised output and its lse.
+``merge_splits``: one program per (batch*head, query row) combines the splits through their
+lse. Same scores and softmax step as the other kernels (``common.py``).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, finalize, load_tile, max_along, scores, softmax_update, sum_along
+
+
+@triton.jit
+def attention_fwd_splitkv(
+    Q, K, V, O_PART, LSE_PART, MASK, ALIBI,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
+    H, GROUP, Sq, Sk, split_len, qk_scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """O_PART (B, H, NUM_SPLITS, Sq, BLOCK_D) and LSE_PART (B, H, NUM_SPLITS, Sq), float32,
+    contiguous. Row r < GROUP * Sq of a kv head is (head kvh * GROUP + r // Sq, query r % Sq)."""
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    rows0 = tl.program_id(2) * BLOCK_M
+    kv_heads = H // GROUP
+    b = (pid // kv_heads).to(tl.int64)
+    kvh = (pid % kv_heads).to(tl.int64)
+    diag = Sk - Sq
+
+    offs_r = rows0 + tl.arange(0, BLOCK_M)
+    rows_ok = offs_r < GROUP * Sq
+    g = tl.minimum(offs_r // Sq, GROUP - 1)
+    head = kvh * GROUP + g  # [BM] int64
+    offs_m = offs_r % Sq  # query position of each row
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + offs_m[:, None] * stride_qm \
+        + offs_d[None, :] * stride_qd
+    q = load_tile(q_ptrs, offs_r, GROUP * Sq, offs_d, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    slope = tl.full([BLOCK_M, 1], 0.0, tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + head * stride_ah)[:, None].to(tl.float32) * LOG2E
+    mask_base = MASK + b * stride_mb
+    if not MASK_KEYS_ONLY:
+        mask_base = mask_base + head * stride_mh + offs_m.to(tl.int64) * stride_mm
+
+    # Keys of this split, cut to the band seen by rows 0..Sq-1.
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, Sk)
+    if BOUNDED_RIGHT:
+        hi = tl.minimum(hi, tl.maximum(Sq + diag + window_right, 0))
+    if BOUNDED_LEFT:
+        lo = tl.maximum(lo, tl.maximum(diag - window_left, 0) // BLOCK_N * BLOCK_N)
+
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    k_tile = k_base + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = v_base + offs_nb[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        offs_n = start_n + offs_nb
+        k = load_tile(k_tile + n64 * stride_kn, offs_n, hi, offs_d, HEAD_DIM, True,
+                      BLOCK_D != HEAD_DIM)
+        s = scores(q, k, offs_m, offs_n, Sq, hi, diag, window_left, window_right,
+                   qk_scale, softcap, slope, mask_base, stride_mn,
+                   MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True,
+                   BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+        v = load_tile(v_tile + n64 * stride_vn, offs_n, hi, offs_d, HEAD_DIM, True,
+                      BLOCK_D != HEAD_DIM)
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION)
+
+    out, lse = finalize(acc, m_i, l_i)
+    part = ((b * H + head) * NUM_SPLITS + split) * Sq + offs_m  # [BM] row index in the parts
+    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=rows_ok[:, None])
+    tl.store(LSE_PART + part, lse, mask=rows_ok)
+
+
+@triton.jit
+def merge_splits(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+    H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Combine the splits of one (batch*head, query row): the split outputs weighted by
+    exp(lse_s), normalised; a row no split saw gives 0 and lse -inf."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (pid_bh * NUM_SPLITS + offs_s) * Sq + row
+    lse_s = tl.load(LSE_PART + part, mask=offs_s < NUM_SPLITS, other=float("-inf")) * LOG2E
+    o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :],
+                  mask=(offs_s < NUM_SPLITS)[:, None], other=0.0)
+    m = max_along(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_use)
+    total = sum_along(w, 0)
+    empty = total == 0.0
+    total = tl.where(empty, 1.0, total)
+    out = sum_along(w[:, None] * o_s, 0) / total
+    lse = tl.where(empty, float("-inf"), (m_use + tl.log2(total)) * LN2)
+    tl.store(O + b * stride_ob + h * stride_oh + row * stride_om + offs_d * stride_od,
+             out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + b * stride_lb + h * stride_lh + row * stride_lm, lse)
