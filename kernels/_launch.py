@@ -76,7 +76,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     t0 = tensors[0]
     if TensorDescriptor is None or t0.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if _runtime.capability(t0.device)[0] < 9:
         return False
     for t in tensors:
         size = t.element_size()
@@ -166,7 +166,7 @@ def forward_v1(
 def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) -> int:
     """Enough splits for about four programs per multiprocessor, each at least four blocks."""
     if device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 4 * _runtime.multiprocessors(device)
     else:
         programs = 4
     return max(1, min(triton.cdiv(programs, groups), triton.cdiv(seqlen_k, 4 * block_n)))

@@ -11,6 +11,7 @@ launches are serialised by a lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 import threading
@@ -73,3 +74,23 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
         if torch.get_float32_matmul_precision() != "highest":
             return "tf32"
     return "ieee"
+
+
+@functools.cache
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, (0, 0) for the CPU; cached."""
+    if device.type != "cuda":
+        return (0, 0)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_properties(index)[0]
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device; cached."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_properties(index)[1]

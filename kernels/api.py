@@ -220,22 +220,17 @@ def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlen
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, _, bshd, _, causal, sm_scale, window_left,
+    (q, k, v, attn_mask, alibi_slopes, cu_q, _, _, bshd, _, causal, sm_scale, window_left,
      window_right, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes)
     ctx.bshd = bshd
-    ctx.varlen = cu_q is not None
     ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    if ctx.varlen:
-        raise NotImplementedError("flash_attention_varlen has no backward yet")
     q, k, v, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
-    sm_scale, causal, window_left, window_right, softcap = ctx.scalars
-    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
-                     alibi_slopes)
+    args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
     swap = (lambda x: x.transpose(1, 2)) if ctx.bshd else (lambda x: x)
     dq, dk, dv = attention_backward(swap(grad_out), grad_lse, swap(q), swap(k), swap(v),
                                     swap(out), lse, args)
@@ -243,6 +238,42 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's autograd, without the custom op's dispatch cost (eager only)."""
+
+    @staticmethod
+    def forward(*inputs):
+        (q, k, v, attn_mask, alibi_slopes, _, _, _, bshd, variant, causal, sm_scale,
+         window_left, window_right, softcap) = inputs
+        args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
+                         alibi_slopes)
+        return _run_kernel(q, k, v, args, variant, bshd, None, None, 0)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
+          variant, causal, sm_scale, window_left, window_right, softcap):
+    """Run the op: through the registered custom op when torch.compile traces, otherwise
+    directly (the custom op's Python dispatch costs tens of microseconds per call, which a
+    decode step cannot hide)."""
+    inputs = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
+              variant, causal, sm_scale, window_left, window_right, softcap)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    if needs_grad and cu_seqlens_q is not None:
+        raise ValueError("flash_attention_varlen has no backward: q, k and v must not "
+                         "require grad (or call it under torch.no_grad())")
+    if torch.compiler.is_compiling():
+        return _attention_op(*inputs)
+    if needs_grad:
+        return _EagerAttention.apply(*inputs)
+    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
+                     alibi_slopes)
+    return _run_kernel(q, k, v, args, variant, bshd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -262,7 +293,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                                  seq_len=qv.shape[2], seq_len_k=kv.shape[2],
                                  head_dim=qv.shape[3], kv_heads=kv.shape[1], dtype=q.dtype,
                                  causal=causal)
-    out, lse = _attention_op(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, bshd,
+    out, lse = _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, bshd,
                              variant, causal, args.sm_scale, args.window_left,
                              args.window_right, args.softcap)
     return (out, lse) if return_lse else out
@@ -377,7 +408,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv = k.new_empty(1).expand(batch, k.shape[1], max_seqlen_k, k.shape[2])
     args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=None,
                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
-    out, lse = _attention_op(q, k, v, None, args.alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+    out, lse = _call(q, k, v, None, args.alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, False, "v2", causal, args.sm_scale,
                              args.window_left, args.window_right, args.softcap)
     return (out, lse) if return_lse else out

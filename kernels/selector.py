@@ -18,16 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _runtime
 from .api import attention, check_qkv
 
 DECODE_MAX_Q = 16
 DECODE_MIN_K = 1024
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":
-        return (0, 0)
-    return torch.cuda.get_device_capability(device)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -42,8 +37,8 @@ def choose_variant(device: torch.device, *, batch: int, heads: int, seq_len: int
                    seq_len_k: int, head_dim: int, kv_heads: int, dtype: torch.dtype,
                    causal: bool) -> str:
     """The variant the selector picks; cached per (capability, shape, dtype, causal) key."""
-    return _choose(_capability(device), batch, heads, seq_len, seq_len_k, head_dim, kv_heads,
-                   dtype, causal)
+    return _choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
+                   kv_heads, dtype, causal)
 
 
 @dataclass(frozen=True)

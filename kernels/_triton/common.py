@@ -89,18 +89,24 @@ def scores(
         s -= slope * tl.abs(rel).to(tl.float32)
     if MASK_KIND != MASK_NONE:
         if MASK_KEYS_ONLY:
+            # One [BN] row shared by the tile, turned into an additive bias so the tile pays
+            # one add (fused with the scaling) rather than a select per score.
             mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)
-            mvals = mvals[None, :]
+            if MASK_KIND == MASK_BOOL:
+                bias = tl.where(mvals != 0, 0.0, float("-inf"))
+            else:
+                bias = mvals.to(tl.float32) * LOG2E
+            s += bias[None, :]
         else:
             mvals = tl.load(
                 mask_base[:, None] + offs_n[None, :] * stride_mn,
                 mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :],
                 other=0,
             )
-        if MASK_KIND == MASK_BOOL:
-            s = tl.where(mvals != 0, s, float("-inf"))
-        else:
-            s += mvals.to(tl.float32) * LOG2E
+            if MASK_KIND == MASK_BOOL:
+                s = tl.where(mvals != 0, s, float("-inf"))
+            else:
+                s += mvals.to(tl.float32) * LOG2E
     if CHECK_BOUNDS:
         valid = offs_n[None, :] < seqlen_k
         if BOUNDED_RIGHT:
