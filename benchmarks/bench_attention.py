@@ -35,6 +35,8 @@ OURS = ("v1", "v2", "auto")
 def _flex(causal: bool, batch: int, heads: int, seq: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    torch._dynamo.config.recompile_limit = 256  # one compile per benchmark shape
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     compiled = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if causal:

@@ -1,0 +1,179 @@
+"""GPU measurements of the features issue: split-KV decode against SDPA, and the cost of a
+key-padding mask and of GQA in prefill. Also the peak memory of a 64k causal forward.
+
+    PYTHONPATH=. python benchmarks/bench_features.py --out benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import BackendSelector, flash_attention
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / ms * 1e-9
+
+
+def decode_table(bw: float) -> list[str]:
+    lines = ["| Hkv | Sk | ours (us) | SDPA (us) | ours TB/s | % of copy | SDPA TB/s | variant |",
+             "|---|---|---|---|---|---|---|---|"]
+    B, H, D = 8, 32, 128
+    for kv_heads in (32, 8):
+        for sk in (1024, 8192, 32768):
+            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.float16)
+            k = torch.randn(B, kv_heads, sk, D, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            kernel = BackendSelector().select_attention(
+                B, H, 1, D, seq_len_k=sk, kv_heads=kv_heads, dtype=torch.float16)
+            ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != H)
+            err = ((kernel(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 2e-3, f"decode error {err}"
+            ours = triton.testing.do_bench(lambda q=q, k=k, v=v, f=kernel: f(q, k, v),
+                                           return_mode="median")
+            sdpa = triton.testing.do_bench(
+                lambda q=q, k=k, v=v, g=kv_heads != H: F.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=g), return_mode="median")
+            nbytes = 2 * k.numel() * k.element_size()
+            tb_ours, tb_sdpa = nbytes / ours * 1e-9, nbytes / sdpa * 1e-9
+            lines.append(f"| {kv_heads} | {sk} | {ours * 1e3:.1f} | {sdpa * 1e3:.1f} | "
+                         f"{tb_ours:.2f} | {100 * tb_ours / bw:.0f}% | {tb_sdpa:.2f} | "
+                         f"{kernel.variant} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def prefill_table() -> list[str]:
+    lines = ["| case | time (ms) | ratio |", "|---|---|---|"]
+    B, H, S, D = 8, 16, 4096, 128
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    keep = torch.ones(B, 1, 1, S, dtype=torch.bool, device="cuda")
+    keep[: B // 2, ..., S - S // 4:] = False  # half the batch pads its last 25% of keys
+    plain = triton.testing.do_bench(
+        lambda: flash_attention(q, k, v, causal=True, variant="auto"), return_mode="median")
+    masked = triton.testing.do_bench(
+        lambda: flash_attention(q, k, v, causal=True, variant="auto", attn_mask=keep),
+        return_mode="median")
+    lines.append(f"| B8 H16 S4k D128 causal, no mask | {plain:.3f} | 1.00 |")
+    lines.append(f"| same, key-padding mask (B,1,1,Sk) | {masked:.3f} | {masked / plain:.2f} |")
+    times = {}
+    for kv_heads in (32, 8):
+        q = torch.randn(B, 32, S, 64, device="cuda", dtype=torch.float16)
+        k = torch.randn(B, kv_heads, S, 64, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        times[kv_heads] = triton.testing.do_bench(
+            lambda q=q, k=k, v=v: flash_attention(q, k, v, causal=True, variant="auto"),
+            return_mode="median")
+    lines.append(f"| B8 H32 S4k D64 causal, Hkv=32 | {times[32]:.3f} | 1.00 |")
+    lines.append(f"| same, GQA Hkv=8 | {times[8]:.3f} | {times[8] / times[32]:.2f} |")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def peak_memory() -> str:
+    B, H, S, D = 1, 16, 65536, 128
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    out = flash_attention(q, k, v, causal=True, variant="auto")
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True, variant="auto")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    line = (f"Peak memory above inputs and output, B1 H16 S64k D128 fp16 causal: "
+            f"{extra / 2**20:.1f} MiB (lse is {B * H * S * 4 / 2**20:.1f} MiB; an S^2 fp16 "
+            f"buffer would be {S * S * 2 * H / 2**30:.0f} GiB)")
+    print(line, flush=True)
+    return line
+
+
+def sweep_decode() -> None:
+    """Tile configurations and split counts of the split-KV kernel (for kernels/configs.py)."""
+    from kernels import _launch
+    from kernels.api import score_args
+    from kernels.configs import TileConfig
+
+    B, H, D = 8, 32, 128
+    for kv_heads in (32, 8):
+        for sk in (1024, 8192, 32768):
+            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.float16)
+            k = torch.randn(B, kv_heads, sk, D, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            args = score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+            out = torch.empty_like(q)
+            lse = torch.empty(B, H, 1, device="cuda", dtype=torch.float32)
+            res = []
+            for bn, warps, stages, per_sm in itertools.product(
+                    (64, 128), (4, 8), (2, 3, 4), (2, 4, 8)):
+                cfg = TileConfig(64, bn, warps, stages)
+                splits = max(1, min(triton.cdiv(per_sm * 132, B * kv_heads),
+                                    triton.cdiv(sk, 2 * bn)))
+                ms = triton.testing.do_bench(
+                    lambda c=cfg, n=splits, q=q, k=k, v=v, o=out, m=lse, a=args:
+                    _launch.forward_splitkv(q, k, v, o, m, a, num_splits=n, config=c),
+                    return_mode="median")
+                res.append((ms, bn, warps, stages, per_sm, splits))
+            res.sort()
+            nbytes = 2 * k.numel() * 2
+            print(f"Hkv={kv_heads} Sk={sk}: " + "; ".join(
+                f"{r[0] * 1e3:.1f}us {nbytes / r[0] * 1e-9:.2f}TB/s bn{r[1]} w{r[2]} s{r[3]} "
+                f"x{r[4]} splits{r[5]}" for r in res[:4]), flush=True)
+
+
+def launch_overhead() -> None:
+    """Host time per decode call (the GPU work is a few microseconds)."""
+    import time
+
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    for name, fn in (("flash_attention auto", lambda: flash_attention(q, k, v, variant="auto")),
+                     ("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(1000):
+            fn()
+        torch.cuda.synchronize()
+        print(f"{name}: {(time.perf_counter() - t) * 1e3:.1f} us per call", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--sweep-decode", action="store_true")
+    a = p.parse_args()
+    launch_overhead()
+    if a.sweep_decode:
+        sweep_decode()
+        return
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth {bw:.2f} TB/s", flush=True)
+    lines = decode_table(bw) + [""] + prefill_table() + ["", peak_memory()]
+    props = torch.cuda.get_device_properties(0)
+    text = (f"\n### Decode and prefill features, {datetime.date.today().isoformat()}, "
+            f"{props.name}, torch {torch.__version__}, triton {triton.__version__}\n\n"
+            f"Decode: B=8, H=32, Sq=1, D=128, fp16; bandwidth on the bytes of K and V; "
+            f"device copy {bw:.2f} TB/s (read + write).\n\n" + "\n".join(lines) + "\n")
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
