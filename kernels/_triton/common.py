@@ -64,6 +64,13 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
+def _modified(MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Whether scores need scaling before the softmax (something is added to or applied on
+    them); otherwise the scale is folded into the softmax's exp2 argument, one FMA."""
+    return HAS_SOFTCAP or HAS_ALIBI or MASK_KIND != MASK_NONE
+
+
+@triton.jit
 def scores(
     q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
     qk_scale, softcap, slope, mask_base, stride_mn,
@@ -71,7 +78,9 @@ def scores(
     HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
     BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Scores of a q tile [BM, BD] against a k tile [BN, BD], in log2 units, [BM, BN].
+    """Scores of a q tile [BM, BD] against a k tile [BN, BD], [BM, BN]: in log2 units (natural
+    scores times log2(e)) when ``_modified``, else the raw q.k products, which the softmax
+    step scales.
 
     qk_scale is sm_scale*log2(e), or sm_scale/softcap when HAS_SOFTCAP (softcap then holds
     softcap*log2(e)); slope is the ALiBi slope times log2(e), a scalar or a [BM, 1] tile.
@@ -82,7 +91,7 @@ def scores(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
         s = softcap * tanh(s * qk_scale)
-    else:
+    elif _modified(MASK_KIND, HAS_SOFTCAP, HAS_ALIBI):
         s = s * qk_scale
     rel = offs_m[:, None] + diag - offs_n[None, :]
     if HAS_ALIBI:
@@ -118,17 +127,39 @@ def scores(
 
 
 @triton.jit
-def softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step: fold scores s [BM, BN] and values v [BN, BD] into the running
-    unnormalised output acc [BM, BD], row max m_i and row sum l_i (log2 units)."""
-    m_new = tl.maximum(m_i, max_along(s, 1))
+def softmax_update(acc, m_i, l_i, s, v, scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: fold scores s [BM, BN] (times ``scale``, > 0, to get log2
+    units) and values v [BN, BD] into the running unnormalised output acc [BM, BD], row max
+    m_i and row sum l_i (log2 units)."""
+    m_new = tl.maximum(m_i, max_along(s, 1) * scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * scale - m_use[:, None])
     l_i = l_i * alpha + sum_along(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def attend_block(
+    acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
+    window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Scores of q against one K block, then the online-softmax step with its V block: the
+    body every kernel's loop shares. Returns the new (acc, m_i, l_i)."""
+    s = scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+               qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND, MASK_KEYS_ONLY,
+               HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
+               DOT_PRECISION)
+    if _modified(MASK_KIND, HAS_SOFTCAP, HAS_ALIBI):
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, 1.0, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, qk_scale, DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit

@@ -10,7 +10,7 @@ lse. Same scores and softmax step as the other kernels (``common.py``).
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, finalize, load_tile, max_along, scores, softmax_update, sum_along
+from .common import LN2, LOG2E, attend_block, finalize, load_tile, max_along, sum_along
 
 
 @triton.jit
@@ -77,13 +77,12 @@ def attention_fwd_splitkv(
         offs_n = start_n + offs_nb
         k = load_tile(k_tile + n64 * stride_kn, offs_n, hi, offs_d, HEAD_DIM, True,
                       BLOCK_D != HEAD_DIM)
-        s = scores(q, k, offs_m, offs_n, Sq, hi, diag, window_left, window_right,
-                   qk_scale, softcap, slope, mask_base, stride_mn,
-                   MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True,
-                   BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
         v = load_tile(v_tile + n64 * stride_vn, offs_n, hi, offs_d, HEAD_DIM, True,
                       BLOCK_D != HEAD_DIM)
-        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION)
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, q, k, v, offs_m, offs_n, Sq, hi, diag, window_left, window_right,
+            qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND, MASK_KEYS_ONLY,
+            HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
 
     out, lse = finalize(acc, m_i, l_i)
     part = ((b * H + head) * NUM_SPLITS + split) * Sq + offs_m  # [BM] row index in the parts

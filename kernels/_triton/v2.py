@@ -9,7 +9,7 @@ sequence and the batch stride is unused.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, finalize, key_range, load_tile, scores, softmax_update
+from .common import LOG2E, attend_block, finalize, key_range, load_tile
 
 
 @triton.jit
@@ -47,13 +47,13 @@ def _attend_range(
         offs_n = start_n + offs_nb
         k = _load_kv(k_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
                      stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
-        s = scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
-                   qk_scale, softcap, slope, mask_base, stride_mn,
-                   MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS,
-                   BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
         v = _load_kv(v_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
                      stride_vn, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
-        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, DOT_PRECISION)
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
+            window_right, qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND,
+            MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
+            DOT_PRECISION)
     return acc, m_i, l_i
 
 
