@@ -60,8 +60,11 @@ def _interpreted_module(name: str) -> ModuleType:
 def launch_context(device: torch.device) -> Iterator[None]:
     """Launch on ``device`` and its current stream; serialise interpreted launches."""
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        if device.index is None or device.index == torch.cuda.current_device():
             yield
+        else:
+            with torch.cuda.device(device):
+                yield
     else:
         with _interpreter_lock:
             yield
