@@ -28,12 +28,12 @@ INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=
 # triton 3.6, tensor descriptors; the float32 and V1 rows are sized to fit shared memory.
 _CUDA_TABLE: dict[tuple[str, bool, bool], list[tuple[int, TileConfig]]] = {
     ("v2", False, False): [
-        (64, TileConfig(64, 64, 4, 2)),
+        (64, TileConfig(128, 128, 4, 3)),
         (128, TileConfig(128, 128, 8, 3)),
         (256, TileConfig(64, 64, 4, 2)),
     ],
     ("v2", False, True): [
-        (64, TileConfig(128, 64, 4, 3)),
+        (64, TileConfig(128, 128, 4, 3)),
         (128, TileConfig(128, 128, 8, 3)),
         (256, TileConfig(64, 64, 4, 2)),
     ],
@@ -55,7 +55,7 @@ for _causal in (False, True):
     ]
     # Split-KV decode: memory-bound; block_m is the cap on (GQA group x query rows) per tile.
     _CUDA_TABLE[("splitkv", False, _causal)] = [
-        (128, TileConfig(64, 64, 4, 3)),
+        (128, TileConfig(64, 128, 4, 3)),
         (256, TileConfig(32, 32, 4, 2)),
     ]
     _CUDA_TABLE[("splitkv", True, _causal)] = [
