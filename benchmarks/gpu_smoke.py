@@ -25,8 +25,10 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         k = torch.randn(B, H, sk, d, device="cuda", dtype=dtype)
         v = torch.randn(B, H, sk, d, device="cuda", dtype=dtype)
         r = ref(q, k, v, causal)
-        for var in ("v1", "v2"):
+        for var in ("v1", "v2", "auto"):
             o = flash_attention(q, k, v, causal=causal, variant=var)
+            again = flash_attention(q, k, v, causal=causal, variant=var)  # cached launch
+            assert torch.equal(o, again), "relaunch through the compiled-kernel cache differs"
             err = ((o.double() - r).norm() / r.norm()).item()
             print(f"{str(dtype):15s} {var} B{B} H{H} sq{sq} sk{sk} d{d} causal={causal} "
                   f"err={err:.2e} {'OK' if err < 1e-2 else 'FAIL'}", flush=True)

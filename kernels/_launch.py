@@ -33,7 +33,8 @@ class ScoreArgs:
     attn_mask: torch.Tensor | None  # broadcast view (B, H, Sq, Sk); bool or floating
     alibi_slopes: torch.Tensor | None  # (B, H) view, float32
 
-    def kernel_args(self) -> dict:
+    def kernel_args(self) -> tuple[tuple, dict]:
+        """(qk_scale, softcap, window_left, window_right) and the constexpr flags."""
         if self.softcap > 0:
             qk_scale, softcap = self.sm_scale / self.softcap, self.softcap * LOG2E
         else:
@@ -44,9 +45,8 @@ class ScoreArgs:
         else:
             mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
             keys_only = mask.stride(2) == 0
-        return dict(
-            qk_scale=qk_scale, softcap=softcap,
-            window_left=max(self.window_left, 0), window_right=max(self.window_right, 0),
+        values = (qk_scale, softcap, max(self.window_left, 0), max(self.window_right, 0))
+        return values, dict(
             BOUNDED_LEFT=self.window_left >= 0, BOUNDED_RIGHT=self.window_right >= 0,
             MASK_KIND=mask_kind, MASK_KEYS_ONLY=keys_only,
             HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.alibi_slopes is not None,
@@ -68,6 +68,9 @@ class ScoreArgs:
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+_TMA_MIN_ROWS = 256  # below, building three descriptors costs more host time than TMA saves
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -113,24 +116,22 @@ def forward_v2(
     cu_k = cu_seqlens_k if varlen else q
     grid = (triton.cdiv(rows, cfg.block_m), batch * H)
     block_d = _block_d(D)
-    use_tma = _tma_ok(q, k, v)
+    use_tma = rows >= _TMA_MIN_ROWS and _tma_ok(q, k, v)
     if use_tma:
         q_src = _descriptor(q, cfg.block_m, block_d)
         k_src, v_src = (_descriptor(x, cfg.block_n, block_d) for x in (k, v))
     else:
         q_src, k_src, v_src = q, k, v
-    with _runtime.launch_context(device):
-        kernel[grid](
-            q_src, k_src, v_src, out, lse, mask, alibi, cu_q, cu_k,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            *mask_strides, *alibi_strides,
-            H, H // Hkv, Sq, Sk,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IS_VARLEN=varlen, STORE_LSE=True, USE_TMA=use_tma,
-            DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **args.kernel_args(),
-        )
+    values, flags = args.kernel_args()
+    _runtime.launch(
+        kernel, grid, device,
+        (q_src, k_src, v_src, out, lse, mask, alibi, cu_q, cu_k,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+         *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             IS_VARLEN=varlen, STORE_LSE=True, USE_TMA=use_tma,
+             DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
+        cfg.num_warps, cfg.num_stages)
 
 
 def forward_v1(
@@ -150,17 +151,15 @@ def forward_v1(
     ell = torch.empty_like(m)
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
-    with _runtime.launch_context(device):
-        kernel[(B * H,)](
-            q, k, v, out, lse, acc, m, ell, mask, alibi,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            *mask_strides, *alibi_strides,
-            H, H // Hkv, Sq, Sk,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            STORE_LSE=True, DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **args.kernel_args(),
-        )
+    values, flags = args.kernel_args()
+    _runtime.launch(
+        kernel, (B * H,), device,
+        (q, k, v, out, lse, acc, m, ell, mask, alibi,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+         *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             STORE_LSE=True, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
+        cfg.num_warps, cfg.num_stages)
 
 
 def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) -> int:
@@ -194,20 +193,21 @@ def forward_splitkv(
     lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
-    kargs = args.kernel_args()
+    values, flags = args.kernel_args()
     if args.attn_mask is not None:  # rows span heads here: keys-only needs no head stride
-        kargs["MASK_KEYS_ONLY"] = mask_strides[1] == 0 and mask_strides[2] == 0
-    with _runtime.launch_context(device):
-        module.attention_fwd_splitkv[(splits, B * Hkv, triton.cdiv(group * Sq, block_m))](
-            q, k, v, o_part, lse_part, mask, alibi,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
-            H, group, Sq, Sk, split_len,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-            NUM_SPLITS=splits, DOT_PRECISION=_runtime.dot_precision(q.dtype, device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kargs,
-        )
-        module.merge_splits[(B * H, Sq)](
-            o_part, lse_part, out, lse, *out.stride(), *lse.stride(), H, Sq,
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-            BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
-        )
+        flags["MASK_KEYS_ONLY"] = mask_strides[1] == 0 and mask_strides[2] == 0
+    _runtime.launch(
+        module.attention_fwd_splitkv, (splits, B * Hkv, triton.cdiv(group * Sq, block_m)),
+        device,
+        (q, k, v, o_part, lse_part, mask, alibi,
+         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
+         H, group, Sq, Sk, split_len, *values),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+             NUM_SPLITS=splits, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
+        cfg.num_warps, cfg.num_stages)
+    _runtime.launch(
+        module.merge_splits, (B * H, Sq), device,
+        (o_part, lse_part, out, lse, *out.stride(), *lse.stride(), H, Sq),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+             BLOCK_S=triton.next_power_of_2(splits)),
+        4, 1)

@@ -22,6 +22,11 @@ from types import ModuleType
 import torch
 import triton
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host tensor descriptors
+    TensorDescriptor = None
+
 _COMPILED = "kernels._triton"
 _INTERPRETED = "kernels._triton_interpreted"
 _import_lock = threading.Lock()
@@ -56,17 +61,58 @@ def _interpreted_module(name: str) -> ModuleType:
             triton.knobs.runtime.interpret = previous
 
 
-@contextlib.contextmanager
-def launch_context(device: torch.device) -> Iterator[None]:
-    """Launch on ``device`` and its current stream; serialise interpreted launches."""
-    if device.type == "cuda":
-        if device.index is None or device.index == torch.cuda.current_device():
-            yield
-        else:
-            with torch.cuda.device(device):
-                yield
-    else:
+def _specialization(value: object) -> object:
+    """What Triton may specialise a kernel on for one argument (a superset of it): dtype and
+    16-byte alignment of tensors, equality to 1, divisibility by 16 and width of integers,
+    the type of descriptors and other values."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63
+    if isinstance(value, float):
+        return float
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0
+    return type(value), value
+
+
+_compiled: dict[tuple, object] = {}  # (kernel, device, config, specialisation) -> CompiledKernel
+
+
+def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
+           constexprs: dict, num_warps: int, num_stages: int) -> None:
+    """Launch ``kernel[grid](*args, **constexprs)`` on ``device`` and its current stream.
+
+    ``args`` are the kernel's leading non-constexpr arguments, in order, and ``constexprs``
+    the rest by name. CPU tensors go through the interpreter, one launch at a time. On CUDA,
+    the compiled kernel is remembered per (kernel, device, constexprs, specialisation of every
+    argument) and relaunched directly, skipping Triton's per-call argument binding, which
+    costs tens of microseconds: more than a decode step's whole GPU time.
+    """
+    if device.type != "cuda":
         with _interpreter_lock:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    with _on_device(device):
+        key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.items()),
+               tuple(map(_specialization, args)))
+        compiled = _compiled.get(key)
+        if compiled is None:
+            _compiled[key] = kernel[grid](*args, **constexprs, num_warps=num_warps,
+                                          num_stages=num_stages)
+        else:
+            names = kernel.arg_names[len(args):]
+            compiled[grid](*args, *(constexprs[name] for name in names))
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    if device.index is None or device.index == torch.cuda.current_device():
+        yield
+    else:
+        with torch.cuda.device(device):
             yield
 
 
