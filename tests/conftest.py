@@ -1,0 +1,43 @@
+"""Shared test set-up.
+
+- ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present.
+- Inputs are fresh random draws on every run (no fixed seeds): each test starts from a new,
+  non-deterministic seed that is printed, so a failure's captured output tells how to replay
+  it (``torch.manual_seed(<seed>)`` at the top of the test).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The repository root, so ``kernels`` and ``tests.reference`` import without installing.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Draw a new random seed for this test and record it (printed on failure)."""
+    seed = torch.seed()  # non-deterministic, also seeds CUDA
+    request.node.user_properties.append(("torch_seed", seed))
+    print(f"[{request.node.nodeid}] torch seed {seed}")
+    yield
+
+
+@pytest.fixture
+def gpu_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
