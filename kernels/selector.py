@@ -14,7 +14,6 @@ CPU tensors follow the same rule (the interpreter runs every kernel). Choices ar
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -36,18 +35,24 @@ def _choose(capability: tuple[int, int], batch: int, heads: int, seq_len: int, s
 def choose_variant(device: torch.device, *, batch: int, heads: int, seq_len: int,
                    seq_len_k: int, head_dim: int, kv_heads: int, dtype: torch.dtype,
                    causal: bool) -> str:
-    """The variant the selector picks; cached per (capability, shape, dtype, causal) key."""
-    return _choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
-                   kv_heads, dtype, causal)
+    """The variant the selector picks; cached per (capability, shape, dtype, causal) key
+    (traced without the cache under torch.compile, which would only warn about it)."""
+    choose = _choose.__wrapped__ if torch.compiler.is_compiling() else _choose
+    return choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
+                  kv_heads, dtype, causal)
 
 
-@dataclass(frozen=True)
 class SelectedKernel:
     """A kernel chosen for a shape. Calling it with any valid q, k, v (of its layout, or the
-    one passed as ``layout=``) computes the right answer with its variant."""
+    one passed as ``layout=``) computes the right answer with its variant. A plain class (not a
+    frozen dataclass) so that torch.compile can build and call it inside a graph."""
 
-    variant: str
-    layout: str = "bhsd"
+    def __init__(self, variant: str, layout: str = "bhsd") -> None:
+        self.variant = variant
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"SelectedKernel(variant={self.variant!r}, layout={self.layout!r})"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  layout: str | None = None, causal: bool = False,
