@@ -104,7 +104,8 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
                                           num_stages=num_stages)
         else:
             names = kernel.arg_names[len(args):]
-            compiled[grid](*args, *(constexprs[name] for name in names))
+            grid3 = (*grid, *(1,) * (3 - len(grid)))
+            compiled[grid3](*args, *(constexprs[name] for name in names))
 
 
 @contextlib.contextmanager
