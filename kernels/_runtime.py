@@ -78,7 +78,8 @@ def _specialization(value: object) -> object:
     return type(value), value
 
 
-_compiled: dict[tuple, object] = {}  # (kernel, device, config, specialisation) -> CompiledKernel
+# (kernel, device, config, specialisation) -> CompiledKernel, or False where it has no launcher
+_compiled: dict[tuple, object] = {}
 
 
 def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
@@ -100,8 +101,12 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
                tuple(map(_specialization, args)))
         compiled = _compiled.get(key)
         if compiled is None:
-            _compiled[key] = kernel[grid](*args, **constexprs, num_warps=num_warps,
-                                          num_stages=num_stages)
+            compiled = kernel[grid](*args, **constexprs, num_warps=num_warps,
+                                    num_stages=num_stages)
+            # Relaunch directly only where this triton exposes the compiled kernel's launcher.
+            _compiled[key] = compiled if hasattr(compiled, "__getitem__") else False
+        elif compiled is False:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         else:
             names = kernel.arg_names[len(args):]
             grid3 = (*grid, *(1,) * (3 - len(grid)))
