@@ -202,6 +202,13 @@ def _attention_op(
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, bshd: bool, variant: str,
     causal: bool, sm_scale: float, window_left: int, window_right: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens_q is None:  # direct calls may pass unexpanded masks and slopes: free views
+        batch, heads = q.shape[0], q.shape[2] if bshd else q.shape[1]
+        seqlen_q, seqlen_k = (q.shape[1], k.shape[1]) if bshd else (q.shape[2], k.shape[2])
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
+        if alibi_slopes is not None:
+            alibi_slopes = alibi_slopes.expand(batch, heads)
     args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
                      alibi_slopes)
     return _run_kernel(q, k, v, args, variant, bshd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
@@ -222,6 +229,9 @@ def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlen
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, alibi_slopes, cu_q, _, _, bshd, _, causal, sm_scale, window_left,
      window_right, softcap) = inputs
+    if cu_q is not None:
+        raise ValueError("flash_attention_varlen has no backward: the packed (varlen) inputs "
+                         "must not require grad")
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes)
     ctx.bshd = bshd
