@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -66,8 +65,18 @@ class ScoreArgs:
         return self.alibi_slopes, self.alibi_slopes.stride()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n (triton's own helper is a constexpr function whose every
+    call costs microseconds of argument unwrapping on the host)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _next_pow2(head_dim))
 
 
 _TMA_MIN_ROWS = 256  # below, building three descriptors costs more host time than TMA saves
@@ -114,7 +123,7 @@ def forward_v2(
     alibi, alibi_strides = args.alibi_arg(q)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    grid = (triton.cdiv(rows, cfg.block_m), batch * H)
+    grid = (_cdiv(rows, cfg.block_m), batch * H)
     block_d = _block_d(D)
     use_tma = rows >= _TMA_MIN_ROWS and _tma_ok(q, k, v)
     if use_tma:
@@ -169,7 +178,7 @@ def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) 
         programs = 8 * _runtime.multiprocessors(device)
     else:
         programs = 4
-    return max(1, min(triton.cdiv(programs, groups), triton.cdiv(seqlen_k, 2 * block_n)))
+    return max(1, min(_cdiv(programs, groups), _cdiv(seqlen_k, 2 * block_n)))
 
 
 def forward_splitkv(
@@ -185,10 +194,10 @@ def forward_splitkv(
     group = H // Hkv
     block_d = _block_d(D)
     cfg = config or tile_config("splitkv", device, D, q.dtype, args.causal)
-    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(group * Sq)))
+    block_m = min(cfg.block_m, max(16, _next_pow2(group * Sq)))
     splits = num_splits or _num_splits(device, B * Hkv, Sk, cfg.block_n)
-    split_len = triton.cdiv(triton.cdiv(Sk, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(Sk, split_len)
+    split_len = _cdiv(_cdiv(Sk, splits), cfg.block_n) * cfg.block_n
+    splits = _cdiv(Sk, split_len)
     o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
     lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
     mask, mask_strides = args.mask_arg(q)
@@ -197,7 +206,7 @@ def forward_splitkv(
     if args.attn_mask is not None:  # rows span heads here: keys-only needs no head stride
         flags["MASK_KEYS_ONLY"] = mask_strides[1] == 0 and mask_strides[2] == 0
     _runtime.launch(
-        module.attention_fwd_splitkv, (splits, B * Hkv, triton.cdiv(group * Sq, block_m)),
+        module.attention_fwd_splitkv, (splits, B * Hkv, _cdiv(group * Sq, block_m)),
         device,
         (q, k, v, o_part, lse_part, mask, alibi,
          *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
@@ -209,5 +218,5 @@ def forward_splitkv(
         module.merge_splits, (B * H, Sq), device,
         (o_part, lse_part, out, lse, *out.stride(), *lse.stride(), H, Sq),
         dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-             BLOCK_S=triton.next_power_of_2(splits)),
+             BLOCK_S=_next_pow2(splits)),
         4, 1)

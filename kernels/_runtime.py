@@ -10,17 +10,16 @@ launches are serialised by a lock.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import sys
 import threading
 import types
-from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -65,21 +64,23 @@ def _specialization(value: object) -> object:
     """What Triton may specialise a kernel on for one argument (a superset of it): dtype and
     16-byte alignment of tensors, equality to 1, divisibility by 16 and width of integers,
     the type of descriptors and other values."""
+    kind = type(value)
+    if kind is int:
+        return value & 15 == 0, value == 1, -(2**31) <= value < 2**31
     if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool) or value is None:
+        return value.dtype, value.data_ptr() & 15 == 0
+    if kind is bool or value is None:
         return value
-    if isinstance(value, int):
-        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63
-    if isinstance(value, float):
+    if kind is float:
         return float
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
-        return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() % 16 == 0
-    return type(value), value
+        return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() & 15 == 0
+    return kind, value
 
 
-# (kernel, device, config, specialisation) -> CompiledKernel, or False where it has no launcher
-_compiled: dict[tuple, object] = {}
+# (kernel, device, config, specialisation) -> (compiled kernel, names of its constexprs in
+# order), or (None, num_stages) where this triton does not expose the compiled launcher
+_compiled: dict[tuple, tuple] = {}
 
 
 def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
@@ -96,30 +97,48 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
         with _interpreter_lock:
             kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    with _on_device(device):
-        key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.items()),
-               tuple(map(_specialization, args)))
-        compiled = _compiled.get(key)
-        if compiled is None:
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+    else:
+        _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+
+
+def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
+    # Most arguments are ints (strides, sizes): their specialisation is computed inline.
+    spec = tuple([(a & 15 == 0, a == 1, -(2**31) <= a < 2**31) if type(a) is int
+                  else _specialization(a) for a in args])
+    key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.values()), spec)
+    entry = _compiled.get(key, False)
+    if entry is False:
+        compiled, num_stages = _compile_and_launch(kernel, grid, args, constexprs, num_warps,
+                                                   num_stages)
+        # Relaunch directly only where this triton exposes the compiled kernel's launcher.
+        if hasattr(compiled, "__getitem__"):
+            _compiled[key] = (compiled, kernel.arg_names[len(args):])
+        else:
+            _compiled[key] = (None, num_stages)
+    elif entry[0] is None:
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=entry[1])
+    else:
+        compiled, names = entry
+        grid3 = (*grid, *(1,) * (3 - len(grid)))
+        compiled[grid3](*args, *[constexprs[name] for name in names])
+
+
+def _compile_and_launch(kernel, grid, args, constexprs, num_warps, num_stages):
+    """First launch of a specialisation. A tile configuration whose software pipeline does
+    not fit in shared memory (extra mask tiles can push a tuned one over) is retried with
+    fewer stages. Returns the compiled kernel and the stage count that fitted."""
+    while True:
+        try:
             compiled = kernel[grid](*args, **constexprs, num_warps=num_warps,
                                     num_stages=num_stages)
-            # Relaunch directly only where this triton exposes the compiled kernel's launcher.
-            _compiled[key] = compiled if hasattr(compiled, "__getitem__") else False
-        elif compiled is False:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        else:
-            names = kernel.arg_names[len(args):]
-            grid3 = (*grid, *(1,) * (3 - len(grid)))
-            compiled[grid3](*args, *(constexprs[name] for name in names))
-
-
-@contextlib.contextmanager
-def _on_device(device: torch.device) -> Iterator[None]:
-    if device.index is None or device.index == torch.cuda.current_device():
-        yield
-    else:
-        with torch.cuda.device(device):
-            yield
+            return compiled, num_stages
+        except OutOfResources:
+            if num_stages <= 1:
+                raise
+            num_stages -= 1
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
