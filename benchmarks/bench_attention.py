@@ -79,7 +79,7 @@ def providers(names: list[str], causal: bool, batch: int, heads: int, seq: int,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--head-dims", type=int, nargs="*", default=[64, 128, 256])
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--causal", nargs="+", default=["false", "true"])
     p.add_argument("--providers", nargs="+",
@@ -144,13 +144,12 @@ def measure(args, device, dtype, causal, head_dim, heads, kv_heads, seq) -> dict
     torch.cuda.synchronize()
     row["first_call_ms"] = (time.perf_counter() - start) * 1e3
     ref = None
+    k_rep = k.repeat_interleave(heads // kv_heads, 1) if kv_heads != heads else k
+    v_rep = v.repeat_interleave(heads // kv_heads, 1) if kv_heads != heads else v
     for name, fn in providers(args.providers, causal, batch, heads, seq, device).items():
         try:
-            if kv_heads != heads and name not in OURS:  # peers get K/V repeated per head
-                kk = k.repeat_interleave(heads // kv_heads, 1)
-                vv = v.repeat_interleave(heads // kv_heads, 1)
-            else:
-                kk, vv = k, v
+            # ours read the shared K/V heads in place; peers get them repeated per head
+            kk, vv = (k, v) if name in OURS else (k_rep, v_rep)
             out = fn(q, kk, vv)
             if name == "v2":
                 out = out.transpose(1, 2)
@@ -158,7 +157,7 @@ def measure(args, device, dtype, causal, head_dim, heads, kv_heads, seq) -> dict
                 if ref is None:
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         ref = torch.nn.functional.scaled_dot_product_attention(
-                            q, kk, vv, is_causal=causal).float()
+                            q, k_rep, v_rep, is_causal=causal).float()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 if not err < 2e-2:
                     print(f"  !! {name} rel err {err:.2e}", flush=True)

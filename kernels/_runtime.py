@@ -105,8 +105,11 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
 
 
 def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
-    # Most arguments are ints (strides, sizes): their specialisation is computed inline.
-    spec = tuple([(a & 15 == 0, a == 1, -(2**31) <= a < 2**31) if type(a) is int
+    # The key holds, per argument, a superset of what Triton specialises on, computed inline
+    # (this runs on every call): for ints their residue mod 16, whether they equal 1 and
+    # their sign/width; for tensors their dtype and alignment.
+    spec = tuple([a & 15 | (a == 1) << 4 | a >> 31 << 5 if type(a) is int
+                  else (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor
                   else _specialization(a) for a in args])
     key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.values()), spec)
     entry = _compiled.get(key, False)
@@ -114,7 +117,8 @@ def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) 
         compiled, num_stages = _compile_and_launch(kernel, grid, args, constexprs, num_warps,
                                                    num_stages)
         # Relaunch directly only where this triton exposes the compiled kernel's launcher.
-        if hasattr(compiled, "__getitem__"):
+        direct = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+        if direct:
             _compiled[key] = (compiled, kernel.arg_names[len(args):])
         else:
             _compiled[key] = (None, num_stages)
@@ -122,8 +126,22 @@ def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) 
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=entry[1])
     else:
         compiled, names = entry
-        grid3 = (*grid, *(1,) * (3 - len(grid)))
-        compiled[grid3](*args, *[constexprs[name] for name in names])
+        if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(
+                triton.knobs.runtime.launch_exit_hook):
+            # a profiler's hooks want their launch metadata: Triton's own runner builds it
+            grid3 = (*grid, *(1,) * (3 - len(grid)))
+            compiled[grid3](*args, *[constexprs[name] for name in names])
+            return
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(driver.get_current_device())
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *[constexprs[name] for name in names])
+
+
+def _hooked(hook: object) -> bool:
+    """Whether a launch hook is set (newer triton keeps an empty HookChain when none is)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _compile_and_launch(kernel, grid, args, constexprs, num_warps, num_stages):

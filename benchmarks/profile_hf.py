@@ -1,0 +1,132 @@
+"""Where the time of a patched Hugging Face model goes (GPU): host cost per attention call in
+eager decoding, and what torch.compile does with the static-cache path (graph breaks,
+recompilations, CUDA-graph skips).
+
+    PYTHONPATH=.:benchmarks TORCH_LOGS=graph_breaks,recompiles,perf_hints \\
+        python benchmarks/profile_hf.py
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+
+import torch
+from bench_hf import build_model
+from torch._dynamo.utils import counters
+
+from flashattn_modules import patch_hf_model
+from flashattn_modules.hf import triton_fa_attention
+
+
+def per_call_us(fn, n: int = 300) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def attention_calls() -> None:
+    """One GPT-2 decode call (B1, H12, Sk 300, D64, fp16) through each attention function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 12, 1, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 12, 300, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    for name, fn in (("triton_fa", triton_fa_attention), ("sdpa", sdpa_attention_forward)):
+        print(f"{name} attention function: {per_call_us(lambda f=fn: f(module, q, k, v, None)):.1f}"
+              f" us per call", flush=True)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        triton_fa_attention(module, q, k, v, None)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
+
+def eager_generate() -> None:
+    model = build_model("gpt2", torch.device("cuda"))
+    prompts = torch.randint(0, 50000, (1, 128), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=32,
+                   min_new_tokens=32, pad_token_id=0)
+    with patch_hf_model(model):
+        model.generate(prompts, **options)
+        pr = cProfile.Profile()
+        pr.enable()
+        model.generate(prompts, **options)
+        torch.cuda.synchronize()
+        pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(20)
+
+
+def static_generate() -> None:
+    model = build_model("llama", torch.device("cuda"))
+    prompts = torch.randint(0, 32000, (1, 128), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
+                   min_new_tokens=16, pad_token_id=0, cache_implementation="static")
+    with patch_hf_model(model):
+        for run in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompts, **options)
+            torch.cuda.synchronize()
+            print(f"static generate run {run}: {time.perf_counter() - start:.2f} s", flush=True)
+    for group in ("stats", "graph_break", "inductor"):
+        print(group, dict(counters[group]), flush=True)
+
+
+def prefill_profile() -> None:
+    """GPU kernel times of one GPT-2 prefill (2k tokens) with triton_fa and with sdpa."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model("gpt2", torch.device("cuda"))
+    ids = torch.randint(0, 50000, (1, 2048), device="cuda")
+    for impl in ("triton_fa", "sdpa"):
+        handle = patch_hf_model(model) if impl == "triton_fa" else None
+        with torch.no_grad():
+            for _ in range(2):
+                model(ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+        if handle is not None:
+            handle.restore()
+        print(f"== {impl}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                        max_name_column_width=60))
+
+
+def static_profile() -> None:
+    """GPU kernel times of a compiled static-cache generation (16 new tokens), triton_fa."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model("llama", torch.device("cuda"))
+    prompts = torch.randint(0, 32000, (1, 128), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
+                   min_new_tokens=16, pad_token_id=0, cache_implementation="static")
+    with patch_hf_model(model):
+        for _ in range(2):
+            model.generate(prompts, **options)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(prompts, **options)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                    max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    import sys
+
+    parts = sys.argv[1:] or ["attention_calls", "eager_generate", "static_generate"]
+    for part in parts:
+        globals()[part]()
