@@ -1,0 +1,139 @@
+"""The CUDA launch path of ``kernels._runtime`` on the CPU, with stand-in kernel objects: the
+compiled-kernel cache (its key, the direct relaunch and its argument order) and the retry
+with fewer pipeline stages when shared memory overflows. (The real launches run in the GPU
+tests and in benchmarks/gpu_smoke.py, which checks relaunches against first launches.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from kernels import _runtime
+
+DEVICE = torch.device("cuda", 0)
+
+
+class FakeCompiled:
+    """What triton returns from a launch: the launcher ``run`` and its handles."""
+
+    function = "function-handle"
+    packed_metadata = "metadata"
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def run(self, *call) -> None:
+        self.log.append(("run", call))
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("runner", grid, args))
+
+
+class FakeKernel:
+    """A jit function with arguments (x, n, scale, A, B) where A and B are constexprs."""
+
+    arg_names = ["x", "n", "scale", "A", "B"]
+
+    def __init__(self, fail_above_stages: int = 99, with_launcher: bool = True) -> None:
+        self.log: list = []
+        self.fail_above_stages = fail_above_stages
+        self.with_launcher = with_launcher
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **constexprs):
+            self.log.append(("compile", grid, args, constexprs, num_warps, num_stages))
+            if num_stages > self.fail_above_stages:
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return FakeCompiled(self.log) if self.with_launcher else object()
+        return launch
+
+
+class FakeDriver:
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> str:
+        return "stream-0"
+
+
+@pytest.fixture(autouse=True)
+def fake_driver(monkeypatch):
+    monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
+    monkeypatch.setattr(_runtime, "_compiled", {})
+
+
+def _launch(kernel, x, n, *, stages=3):
+    # constexprs given in an order other than the kernel's: the relaunch must reorder them
+    _runtime._launch_cuda(kernel, (4, 2), DEVICE, (x, n, 0.5), {"B": 7, "A": 3}, 4, stages)
+
+
+def test_relaunch_goes_through_the_launcher_with_kernel_order_arguments():
+    kernel = FakeKernel()
+    x = torch.randn(64)
+    _launch(kernel, x, 32)
+    _launch(kernel, x, 48)  # same specialisation (multiple of 16): no new compile
+    kinds = [entry[0] for entry in kernel.log]
+    assert kinds == ["compile", "run"]
+    call = kernel.log[1][1]
+    assert call[:4] == (4, 2, 1, "stream-0")  # grid padded to 3-D, current stream
+    assert call[4:9] == ("function-handle", "metadata", None, None, None)
+    assert call[9:] == (x, 48, 0.5, 3, 7)  # args, then constexprs in the kernel's order
+
+
+@pytest.mark.parametrize("first, second", [(32, 33), (32, 1), (5, 2**31 + 5)])
+def test_a_new_specialisation_compiles_again(first, second):
+    """Divisibility by 16, equality to 1 and width of an int are part of the key."""
+    kernel = FakeKernel()
+    x = torch.randn(64)
+    _launch(kernel, x, first)
+    _launch(kernel, x, second)
+    assert [entry[0] for entry in kernel.log] == ["compile", "compile"]
+
+
+def test_tensor_dtype_and_alignment_are_part_of_the_key():
+    kernel = FakeKernel()
+    x = torch.randn(64)
+    _launch(kernel, x, 16)
+    _launch(kernel, x.half(), 16)
+    _launch(kernel, x[1:], 16)  # 4-byte offset: not 16-byte aligned
+    _launch(kernel, x[4:], 16)  # 16-byte offset: aligned again, same key as x
+    assert [entry[0] for entry in kernel.log] == ["compile", "compile", "compile", "run"]
+
+
+def test_shared_memory_overflow_retries_with_fewer_stages():
+    kernel = FakeKernel(fail_above_stages=1)
+    x = torch.randn(64)
+    _launch(kernel, x, 16, stages=3)
+    stages = [entry[5] for entry in kernel.log if entry[0] == "compile"]
+    assert stages == [3, 2, 1]
+    _launch(kernel, x, 16, stages=3)  # remembered: relaunched, no new attempt
+    assert [entry[0] for entry in kernel.log][-1] == "run"
+
+
+def test_overflow_at_one_stage_is_raised():
+    kernel = FakeKernel(fail_above_stages=0)
+    with pytest.raises(OutOfResources):
+        _launch(kernel, torch.randn(64), 16, stages=2)
+
+
+def test_without_a_launcher_triton_launches_with_the_stages_that_fitted():
+    kernel = FakeKernel(fail_above_stages=2, with_launcher=False)
+    x = torch.randn(64)
+    _launch(kernel, x, 16, stages=3)
+    _launch(kernel, x, 16, stages=3)
+    compiles = [entry for entry in kernel.log if entry[0] == "compile"]
+    assert [entry[5] for entry in compiles] == [3, 2, 2]
+    assert compiles[-1][3] == {"B": 7, "A": 3}
+
+
+def test_a_profiler_hook_gets_tritons_own_runner(monkeypatch):
+    """With a launch hook set (proton, for one), relaunches go through triton's runner,
+    which builds the launch metadata the hook reads."""
+    kernel = FakeKernel()
+    x = torch.randn(64)
+    _launch(kernel, x, 16)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    _launch(kernel, x, 16)
+    assert kernel.log[-1] == ("runner", (4, 2, 1), (x, 16, 0.5, 3, 7))
