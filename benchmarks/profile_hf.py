@@ -1,9 +1,10 @@
-"""Where the time of a patched Hugging Face model goes (GPU): host cost per attention call in
-eager decoding, and what torch.compile does with the static-cache path (graph breaks,
-recompilations, CUDA-graph skips).
+"""Where the time goes (GPU): host cost of one kernel call and of one patched Hugging Face
+attention call in eager decoding, profiles of eager generation and prefill, and what
+torch.compile does with the static-cache path (graph breaks, recompilations, CUDA-graph
+skips, kernel times).
 
     PYTHONPATH=.:benchmarks TORCH_LOGS=graph_breaks,recompiles,perf_hints \\
-        python benchmarks/profile_hf.py
+        python benchmarks/profile_hf.py [launcher_calls attention_calls ...]
 """
 
 from __future__ import annotations
@@ -31,6 +32,47 @@ def per_call_us(fn, n: int = 300) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def _cprofile(fn, lines: int) -> None:
+    """Print the ``lines`` costliest functions (own time) of ``fn()``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(lines)
+
+
+def _kernel_table(fn) -> None:
+    """Print the GPU kernels (and host ops) of ``fn()`` by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                    max_name_column_width=60))
+
+
+def launcher_calls() -> None:
+    """One decode call (B1 H32 Hkv8 Sk1k D128 fp16), whole and launcher by launcher."""
+    from kernels import _launch, flash_attention
+    from kernels.api import score_args
+
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    args = score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
+                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 32, 1, device="cuda", dtype=torch.float32)
+    print("full call us", per_call_us(lambda: flash_attention(q, k, v, variant="auto")))
+    print("forward_splitkv us",
+          per_call_us(lambda: _launch.forward_splitkv(q, k, v, out, lse, args)))
+    print("forward_v2 us", per_call_us(lambda: _launch.forward_v2(q, k, v, out, lse, args)))
+    _cprofile(lambda: [flash_attention(q, k, v, variant="auto") for _ in range(200)], 25)
+
+
 def attention_calls() -> None:
     """One GPT-2 decode call (B1, H12, Sk 300, D64, fp16) through each attention function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -43,13 +85,7 @@ def attention_calls() -> None:
     for name, fn in (("triton_fa", triton_fa_attention), ("sdpa", sdpa_attention_forward)):
         print(f"{name} attention function: {per_call_us(lambda f=fn: f(module, q, k, v, None)):.1f}"
               f" us per call", flush=True)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
-        triton_fa_attention(module, q, k, v, None)
-    torch.cuda.synchronize()
-    pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+    _cprofile(lambda: [triton_fa_attention(module, q, k, v, None) for _ in range(200)], 12)
 
 
 def eager_generate() -> None:
@@ -59,12 +95,7 @@ def eager_generate() -> None:
                    min_new_tokens=32, pad_token_id=0)
     with patch_hf_model(model):
         model.generate(prompts, **options)
-        pr = cProfile.Profile()
-        pr.enable()
-        model.generate(prompts, **options)
-        torch.cuda.synchronize()
-        pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(20)
+        _cprofile(lambda: model.generate(prompts, **options), 20)
 
 
 def static_generate() -> None:
@@ -85,8 +116,6 @@ def static_generate() -> None:
 
 def prefill_profile() -> None:
     """GPU kernel times of one GPT-2 prefill (2k tokens) with triton_fa and with sdpa."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = build_model("gpt2", torch.device("cuda"))
     ids = torch.randint(0, 50000, (1, 2048), device="cuda")
     for impl in ("triton_fa", "sdpa"):
@@ -94,21 +123,14 @@ def prefill_profile() -> None:
         with torch.no_grad():
             for _ in range(2):
                 model(ids, use_cache=False, logits_to_keep=1)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                model(ids, use_cache=False, logits_to_keep=1)
-                torch.cuda.synchronize()
+            print(f"== {impl}")
+            _kernel_table(lambda: model(ids, use_cache=False, logits_to_keep=1))
         if handle is not None:
             handle.restore()
-        print(f"== {impl}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                        max_name_column_width=60))
 
 
 def static_profile() -> None:
     """GPU kernel times of a compiled static-cache generation (16 new tokens), triton_fa."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = build_model("llama", torch.device("cuda"))
     prompts = torch.randint(0, 32000, (1, 128), device="cuda")
     options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
@@ -116,17 +138,13 @@ def static_profile() -> None:
     with patch_hf_model(model):
         for _ in range(2):
             model.generate(prompts, **options)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model.generate(prompts, **options)
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
-                                    max_name_column_width=60))
+        _kernel_table(lambda: model.generate(prompts, **options))
 
 
 if __name__ == "__main__":
     import sys
 
-    parts = sys.argv[1:] or ["attention_calls", "eager_generate", "static_generate"]
+    parts = sys.argv[1:] or ["launcher_calls", "attention_calls", "eager_generate",
+                             "static_generate"]
     for part in parts:
         globals()[part]()
