@@ -41,3 +41,14 @@ def _fresh_seed(request):
 @pytest.fixture
 def gpu_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Show what the examples printed (tests/test_examples.py runs them), so that a CI log
+    shows them running."""
+    for name, module in list(sys.modules.items()):
+        runs = getattr(module, "RUNS", None) if name.endswith("test_examples") else None
+        if runs:
+            terminalreporter.section("examples (CPU defaults)")
+            for run in runs:
+                terminalreporter.write_line(run)

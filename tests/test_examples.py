@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+RUNS: list[str] = []  # what each example printed; conftest shows them after the run
 
 # Runs the script argv[1] with the arguments after it, as `python script ...` would, and
 # prints how many times our kernels were launched.
@@ -54,6 +55,7 @@ def run_example(name: str, *args: str) -> str:
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     launches = int(re.search(r"kernel launches: (\d+)", done.stdout).group(1))
     assert launches > 0, f"our kernels never ran:\n{done.stdout}"
+    RUNS.append(f"$ python examples/{name} {' '.join(args)}\n{done.stdout}")
     return done.stdout + done.stderr
 
 
