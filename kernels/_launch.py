@@ -4,7 +4,7 @@ kernel arguments, pick the tile configuration, allocate nothing but outputs and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,9 +20,9 @@ LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class ScoreArgs:
-    """Everything that shapes the scores, in the form the kernels take."""
+class ScoreArgs(NamedTuple):
+    """Everything that shapes the scores, in the form the kernels take (a named tuple: built
+    on every call, and cheaper to build than a frozen dataclass)."""
 
     sm_scale: float
     causal: bool

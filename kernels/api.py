@@ -30,18 +30,20 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
+_LAYOUT_DIMS = {"bhsd": ("(batch, heads, seq_len, head_dim)", 1, 2),
+                "bshd": ("(batch, seq_len, heads, head_dim)", 2, 1),
+                "thd": ("(total_tokens, heads, head_dim)", 1, 0)}
+
+
 def check_qkv(q: object, k: object, v: object, layout: str, rank: int = 4) -> None:
     """Validate q, k, v for ``layout`` ("bhsd", "bshd" or "thd" for packed varlen)."""
-    dims = {"bhsd": "(batch, heads, seq_len, head_dim)",
-            "bshd": "(batch, seq_len, heads, head_dim)",
-            "thd": "(total_tokens, heads, head_dim)"}[layout]
-    tensors = {"q": _check_tensor("q", q), "k": _check_tensor("k", k), "v": _check_tensor("v", v)}
-    for name, x in tensors.items():
+    dims, head_axis, seq_axis = _LAYOUT_DIMS[layout]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
         if x.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {dims}, got shape {tuple(x.shape)}")
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name} has dtype {x.dtype}; expected float16, bfloat16 or float32")
-    q, k, v = tensors["q"], tensors["k"], tensors["v"]
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
@@ -49,23 +51,23 @@ def check_qkv(q: object, k: object, v: object, layout: str, rank: int = 4) -> No
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q must be on a CUDA or CPU device, got {q.device}")
-    head_axis = {"bhsd": 1, "bshd": 2, "thd": 1}[layout]
-    seq_axis = {"bhsd": 2, "bshd": 1, "thd": 0}[layout]
-    if layout != "thd" and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes of q, k, v differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
-    if v.shape[head_axis] != kv_heads:
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    if layout != "thd" and not (q_shape[0] == k_shape[0] == v_shape[0]):
+        raise ValueError(f"batch sizes of q, k, v differ: {q_shape[0]}, {k_shape[0]}, "
+                         f"{v_shape[0]}")
+    heads, kv_heads = q_shape[head_axis], k_shape[head_axis]
+    if v_shape[head_axis] != kv_heads:
         raise ValueError(f"k and v must have the same number of heads, got {kv_heads} and "
-                         f"{v.shape[head_axis]}")
+                         f"{v_shape[head_axis]}")
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads})")
-    if k.shape[seq_axis] != v.shape[seq_axis]:
-        raise ValueError(f"k and v must have the same seq_len, got {k.shape[seq_axis]} and "
-                         f"{v.shape[seq_axis]}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        raise ValueError(f"head_dim of q, k, v must match, got {head_dim}, {k.shape[-1]}, "
-                         f"{v.shape[-1]}")
+    if k_shape[seq_axis] != v_shape[seq_axis]:
+        raise ValueError(f"k and v must have the same seq_len, got {k_shape[seq_axis]} and "
+                         f"{v_shape[seq_axis]}")
+    head_dim = q_shape[-1]
+    if k_shape[-1] != head_dim or v_shape[-1] != head_dim:
+        raise ValueError(f"head_dim of q, k, v must match, got {head_dim}, {k_shape[-1]}, "
+                         f"{v_shape[-1]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
 
