@@ -61,20 +61,19 @@ def _interpreted_module(name: str) -> ModuleType:
 
 
 def _specialization(value: object) -> object:
-    """What Triton may specialise a kernel on for one argument (a superset of it): dtype and
-    16-byte alignment of tensors, equality to 1, divisibility by 16 and width of integers,
-    the type of descriptors and other values."""
+    """What Triton may specialise a kernel on, for an argument other than an int or a plain
+    tensor (those two are handled inline in ``_launch_cuda``): dtype and 16-byte alignment of
+    tensor subclasses and descriptors, the value of bools and None, the type of floats and
+    of anything else."""
     kind = type(value)
-    if kind is int:
-        return value & 15 == 0, value == 1, -(2**31) <= value < 2**31
     if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() & 15 == 0
+        return value.dtype, value.data_ptr() & 15
     if kind is bool or value is None:
         return value
     if kind is float:
         return float
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
-        return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() & 15 == 0
+        return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() & 15
     return kind, value
 
 
