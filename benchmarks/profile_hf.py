@@ -1,5 +1,6 @@
 """Where the time goes (GPU): host cost of one kernel call and of one patched Hugging Face
-attention call in eager decoding, profiles of eager generation and prefill, and what
+attention call in eager decoding, profiles of eager generation, prefill and the
+nn.TransformerEncoder of bench_encoder.py, and what
 torch.compile does with the static-cache path (graph breaks, recompilations, CUDA-graph
 skips, kernel times).
 
@@ -50,7 +51,7 @@ def _kernel_table(fn) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22,
                                     max_name_column_width=60))
 
 
@@ -127,6 +128,23 @@ def prefill_profile() -> None:
             _kernel_table(lambda: model(ids, use_cache=False, logits_to_keep=1))
         if handle is not None:
             handle.restore()
+
+
+def encoder_profile() -> None:
+    """GPU kernel times of one forward of bench_encoder.py's encoder (no mask), torch's
+    original (its fused fast path) and after replace_multihead_attention."""
+    import bench_encoder
+
+    args = bench_encoder.parse_args([])
+    original, _, ours = bench_encoder.build_models(args, torch.device("cuda"))
+    src = torch.randn(args.batch, args.seq, args.d_model, device="cuda",
+                      dtype=getattr(torch, args.dtype))
+    for name, model in (("torch", original), ("ours", ours)):
+        with torch.no_grad():
+            for _ in range(3):
+                model(src)
+            print(f"== {name}")
+            _kernel_table(lambda m=model: m(src))
 
 
 def static_profile() -> None:
