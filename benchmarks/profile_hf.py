@@ -147,6 +147,39 @@ def encoder_profile() -> None:
             _kernel_table(lambda m=model: m(src))
 
 
+def static_calls() -> None:
+    """The attention calls of a compiled static-cache generation (Llama, batch 1): the
+    arguments each distinct call gets, and its GPU time replayed outside the graph."""
+    import triton
+
+    from kernels import api
+
+    model = build_model("llama", torch.device("cuda"))
+    prompts = torch.randint(0, 32000, (1, 128), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=8,
+                   min_new_tokens=8, pad_token_id=0, cache_implementation="static")
+    seen: dict[str, tuple] = {}
+    run_kernel = api._run_kernel
+
+    def describe(t):
+        return None if t is None else (t.dtype, tuple(t.shape), t.stride())
+
+    def logged(q, k, v, args, variant, *rest):
+        key = str((variant, describe(q), describe(k), describe(args.attn_mask), args.causal))
+        seen.setdefault(key, (q, k, v, args, variant, *rest))
+        return run_kernel(q, k, v, args, variant, *rest)
+
+    api._run_kernel = logged
+    try:
+        with patch_hf_model(model):
+            model.generate(prompts, **options)
+    finally:
+        api._run_kernel = run_kernel
+    for key, call in seen.items():
+        us = triton.testing.do_bench(lambda c=call: run_kernel(*c)) * 1e3
+        print(f"{us:8.1f} us  {key}", flush=True)
+
+
 def static_profile() -> None:
     """GPU kernel times of a compiled static-cache generation (16 new tokens), triton_fa."""
     model = build_model("llama", torch.device("cuda"))

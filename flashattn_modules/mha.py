@@ -401,6 +401,28 @@ class FlashMultiheadAttention(nn.MultiheadAttention):
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1), len(extra)
 
 
+class _FusedFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
+    """An ``nn.TransformerEncoderLayer`` whose feed-forward block runs ``linear1`` and a ReLU
+    as one GEMM with the activation in its epilogue (``torch._addmm_activation``), as torch's
+    fused fast path does; ``replace_multihead_attention`` gives this class to the encoder
+    layers whose attention it swaps, since our module turns that fast path off. The result is
+    the one of ``relu(linear1(x))``: ReLU commutes with the final rounding. Where that GEMM has
+    no gradient (grad mode with any input requiring grad), another activation, or no bias, the
+    block is torch's own."""
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        linear1 = self.linear1
+        fusable = (self.activation_relu_or_gelu == 1 and linear1.bias is not None
+                   and x.is_contiguous()
+                   and not (torch.is_grad_enabled() and (x.requires_grad
+                            or linear1.weight.requires_grad or linear1.bias.requires_grad)))
+        if not fusable:
+            return super()._ff_block(x)
+        hidden = torch._addmm_activation(linear1.bias, x.view(-1, x.shape[-1]), linear1.weight.t())
+        hidden = hidden.view(*x.shape[:-1], hidden.shape[-1])
+        return self.dropout2(self.linear2(self.dropout(hidden)))
+
+
 def replace_multihead_attention(model: nn.Module) -> nn.Module:
     """Swap every ``torch.nn.MultiheadAttention`` in ``model`` (exact type; subclasses, which
     may override forward, are left alone) for a ``FlashMultiheadAttention`` sharing its
@@ -412,7 +434,10 @@ def replace_multihead_attention(model: nn.Module) -> nn.Module:
     Every ``nn.TransformerEncoder`` that now holds one gets ``use_nested_tensor = False``: its
     nested-tensor route (eval, no_grad, padded batch) would otherwise hand nested tensors to our
     module, which takes padded ones and masks. ``nn.TransformerEncoderLayer``'s fused fast path
-    is skipped through our module's forward pre-hook, so our forward really runs.
+    is skipped through our module's forward pre-hook, so our forward really runs; to keep the
+    fused feed-forward of that path, every ``nn.TransformerEncoderLayer`` (exact type) whose
+    ``self_attn`` is now ours becomes a ``_FusedFeedForwardEncoderLayer`` (a subclass: same
+    parameters, ``state_dict`` and ``isinstance``; only ``_ff_block`` differs, see there).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -426,6 +451,9 @@ def replace_multihead_attention(model: nn.Module) -> nn.Module:
                     converted[id(child)] = FlashMultiheadAttention.from_torch(child)
                 setattr(parent, name, converted[id(child)])
     for module in model.modules():
+        if type(module) is nn.TransformerEncoderLayer and isinstance(
+                module.self_attn, FlashMultiheadAttention):
+            module.__class__ = _FusedFeedForwardEncoderLayer
         if isinstance(module, nn.TransformerEncoder) and any(
                 isinstance(m, FlashMultiheadAttention) for m in module.modules()):
             module.use_nested_tensor = False

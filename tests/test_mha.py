@@ -167,16 +167,20 @@ def test_constructor_validation(args, exc, match):
             FlashMultiheadAttention(*args)
 
 
+def pickle_roundtrip(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_state_dict_round_trips_copy_and_save(kernel_calls):
     config = dict(embed_dim=16, num_heads=4, add_bias_kv=True, batch_first=True)
     ref, ours = _pair(**config)
     ref.load_state_dict(ours.state_dict(), strict=True)
     fresh = FlashMultiheadAttention(**config)
     fresh.load_state_dict(ref.state_dict(), strict=True)
-    buffer = io.BytesIO()
-    torch.save(ours, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = pickle_roundtrip(ours)
     clone = copy.deepcopy(ours)
     x = torch.randn(2, 5, 16)
     expected, _ = _reference(ref, x, x, x)
@@ -602,6 +606,7 @@ def test_replace_in_transformer_encoder(monkeypatch, kernel_calls):
     swapped = replace_multihead_attention(copy.deepcopy(original))
     assert not swapped.use_nested_tensor
     assert all(type(m.self_attn) is FlashMultiheadAttention for m in swapped.layers)
+    assert all(type(m) is mha_module._FusedFeedForwardEncoderLayer for m in swapped.layers)
     forwards = _count_forwards(monkeypatch)
     batch, seqlen = 2, random.randint(4, 9)
     src = torch.randn(batch, seqlen, 16)
@@ -617,6 +622,37 @@ def test_replace_in_transformer_encoder(monkeypatch, kernel_calls):
         out = swapped(src, mask=causal, is_causal=True)
     assert_matches(out, expected, TOL)
     assert [c["causal"] for c in kernel_calls[2:]] == [True, True]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_replace_fuses_encoder_feed_forward(monkeypatch, batch_first):
+    relu_layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=48,
+                                            dropout=0.0, batch_first=batch_first)
+    gelu_layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=48,
+                                            dropout=0.0, activation="gelu")
+    model = nn.ModuleList([relu_layer, gelu_layer, nn.TransformerEncoderLayer(16, 2)])
+    model[2].self_attn = nn.Identity()  # no attention swapped in: left as it is
+    swapped = replace_multihead_attention(copy.deepcopy(model))
+    assert [type(m).__name__ for m in swapped] == ["_FusedFeedForwardEncoderLayer"] * 2 + [
+        "TransformerEncoderLayer"]
+    assert all(isinstance(m, nn.TransformerEncoderLayer) for m in swapped)
+    assert swapped.state_dict().keys() == model.state_dict().keys()
+    fused = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation",
+                        lambda *a, **k: fused.append(1) or real(*a, **k))
+    x = torch.randn(3, random.randint(2, 9), 16)
+    with torch.no_grad():
+        for ours, theirs in zip(swapped[:2], model[:2], strict=True):
+            assert_matches(ours._ff_block(x), theirs._ff_block(x), 1e-6)
+            ours.eval(), theirs.eval()
+            assert_matches(ours(x), theirs(x), TOL)
+    assert len(fused) == 2, "ReLU layers fuse, GELU ones do not"
+    swapped[0].train()
+    x.requires_grad_(True)
+    swapped[0](x).sum().backward()  # a gradient is needed: torch's own feed-forward
+    assert len(fused) == 2 and x.grad is not None
+    assert pickle_roundtrip(swapped)[0].linear1.weight.equal(swapped[0].linear1.weight)
 
 
 def test_replace_in_transformer(kernel_calls):
