@@ -149,7 +149,8 @@ def encoder_profile() -> None:
 
 def static_calls() -> None:
     """The attention calls of a compiled static-cache generation (Llama, batch 1): the
-    arguments each distinct call gets, and its GPU time replayed outside the graph."""
+    arguments of each distinct call, and its GPU time replayed outside the graph on fresh
+    tensors of the same sizes and strides (holding the graph's own would upset CUDA graphs)."""
     import triton
 
     from kernels import api
@@ -164,9 +165,16 @@ def static_calls() -> None:
     def describe(t):
         return None if t is None else (t.dtype, tuple(t.shape), t.stride())
 
+    def fresh(desc):
+        if desc is None:
+            return None
+        dtype, shape, stride = desc
+        t = torch.empty_strided(shape, stride, dtype=dtype, device="cuda")
+        return t.normal_() if dtype.is_floating_point and dtype != torch.float32 else t.zero_()
+
     def logged(q, k, v, args, variant, *rest):
-        key = str((variant, describe(q), describe(k), describe(args.attn_mask), args.causal))
-        seen.setdefault(key, (q, k, v, args, variant, *rest))
+        descs = (describe(q), describe(k), describe(v), describe(args.attn_mask))
+        seen.setdefault(str((variant, args.causal, descs)), (descs, args, variant, rest))
         return run_kernel(q, k, v, args, variant, *rest)
 
     api._run_kernel = logged
@@ -175,7 +183,9 @@ def static_calls() -> None:
             model.generate(prompts, **options)
     finally:
         api._run_kernel = run_kernel
-    for key, call in seen.items():
+    for key, (descs, args, variant, rest) in seen.items():
+        q, k, v, mask = map(fresh, descs)
+        call = (q, k, v, args._replace(attn_mask=mask), variant, *rest)
         us = triton.testing.do_bench(lambda c=call: run_kernel(*c)) * 1e3
         print(f"{us:8.1f} us  {key}", flush=True)
 
