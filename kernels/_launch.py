@@ -43,7 +43,7 @@ class ScoreArgs(NamedTuple):
             mask_kind, keys_only = MASK_NONE, True
         else:
             mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
-            keys_only = mask.stride(2) == 0
+            keys_only = _keys_only(mask)
         values = (qk_scale, softcap, max(self.window_left, 0), max(self.window_right, 0))
         return values, dict(
             BOUNDED_LEFT=self.window_left >= 0, BOUNDED_RIGHT=self.window_right >= 0,
@@ -52,17 +52,47 @@ class ScoreArgs(NamedTuple):
         )
 
     def mask_arg(self, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The mask as the kernels read it (bool as uint8) and its strides. A mask with a row
+        per query whose rows are not 16-byte aligned is copied into aligned rows first: the
+        kernels would otherwise read its [BLOCK_M, BLOCK_N] tiles one byte at a time, measured
+        up to 30x slower than the copy plus the kernel (benchmarks/NOTES.md)."""
         if self.attn_mask is None:
             return fallback, (0, 0, 0, 0)
         mask = self.attn_mask
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
+        if not _keys_only(mask) and not _aligned_rows(mask):
+            mask = _aligned_copy(mask)
         return mask, mask.stride()
 
     def alibi_arg(self, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if self.alibi_slopes is None:
             return fallback, (0, 0)
         return self.alibi_slopes, self.alibi_slopes.stride()
+
+
+def _keys_only(mask: torch.Tensor) -> bool:
+    """Whether every query row of a (B, H, Sq, Sk) mask view is the same row (one query, or a
+    broadcast query dim): the kernels then load one [BLOCK_N] vector per key block."""
+    return mask.stride(2) == 0 or mask.shape[2] == 1
+
+
+def _aligned_rows(mask: torch.Tensor) -> bool:
+    size = mask.element_size()
+    return mask.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in mask.stride()[:3])
+
+
+def _aligned_copy(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, H, Sq, Sk) view ``mask`` copied into rows padded to 16 bytes, its broadcast
+    (stride 0) batch and head dims kept broadcast."""
+    batch, heads, rows, keys = mask.shape
+    shape = (batch if mask.stride(0) else 1, heads if mask.stride(1) else 1, rows)
+    per_row = 16 // mask.element_size()
+    buffer = torch.empty(*shape, _cdiv(keys, per_row) * per_row, dtype=mask.dtype,
+                         device=mask.device)
+    aligned = buffer[..., :keys]
+    aligned.copy_(mask[:shape[0], :shape[1]])
+    return aligned.expand(batch, heads, rows, keys)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -204,7 +234,7 @@ def forward_splitkv(
     alibi, alibi_strides = args.alibi_arg(q)
     values, flags = args.kernel_args()
     if args.attn_mask is not None:  # rows span heads here: keys-only needs no head stride
-        flags["MASK_KEYS_ONLY"] = mask_strides[1] == 0 and mask_strides[2] == 0
+        flags["MASK_KEYS_ONLY"] = flags["MASK_KEYS_ONLY"] and mask_strides[1] == 0
     _runtime.launch(
         module.attention_fwd_splitkv, (splits, B * Hkv, _cdiv(group * Sq, block_m)),
         device,

@@ -562,3 +562,35 @@ def test_concurrent_cpu_calls():
 def test_public_names():
     assert set(kernels.__all__) >= {"flash_attention", "flash_attention_v2",
                                     "flash_attention_varlen", "BackendSelector"}
+
+
+def test_mask_rows_realigned_and_decode_masks_keys_only():
+    """A mask with a row per query whose rows are not 16-byte aligned (odd Sk: every padded
+    prefill) reaches the kernels copied into aligned rows, broadcast dims kept; a one-query
+    mask is read as a key vector. Both give the reference's answer, in each variant."""
+    from kernels._launch import ScoreArgs
+    from kernels.selector import SelectedKernel
+
+    def args_for(mask):
+        return ScoreArgs(0.1, False, -1, -1, 0.0, mask, None)
+
+    batch, heads, sq, sk = 2, 4, 5, 19
+    rows = torch.rand(batch, 1, sq, sk) > 0.3
+    view = rows.expand(batch, heads, sq, sk)
+    mask, strides = args_for(view).mask_arg(view)
+    assert mask.dtype == torch.uint8 and strides[1] == 0 and strides[2] % 16 == 0
+    assert torch.equal(mask.bool(), view)
+    aligned = torch.ones(batch, 1, sq, 32, dtype=torch.bool)[..., :16].expand(batch, heads, sq, 16)
+    assert args_for(aligned).mask_arg(aligned)[0].data_ptr() == aligned.data_ptr(), "no copy"
+    one_query = torch.rand(batch, heads, 1, sk) > 0.3
+    _, flags = args_for(one_query).kernel_args()
+    assert flags["MASK_KEYS_ONLY"]
+    assert args_for(one_query).mask_arg(one_query)[0].data_ptr() == one_query.data_ptr()
+
+    for variant in VARIANTS:
+        for sq_, mask in [(sq, rows), (sq, torch.randn(batch, heads, sq, sk)),
+                          (1, one_query), (1, torch.randn(batch, heads, 1, sk))]:
+            q, k, v = make_qkv(batch, heads, sq_, sk, 40, kv_heads=2, dtype=F16)
+            out = SelectedKernel(variant)(q, k, v, attn_mask=mask)
+            ref, _ = reference_attention(q, k, v, attn_mask=mask)
+            assert_matches(out, ref, TOLERANCE[F16], what=f"{variant} mask {tuple(mask.shape)}")
