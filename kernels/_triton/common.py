@@ -97,21 +97,28 @@ def scores(
     if HAS_ALIBI:
         s -= slope * tl.abs(rel).to(tl.float32)
     if MASK_KIND != MASK_NONE:
+        # Blocks inside the keys (not CHECK_BOUNDS) load without a key-bound predicate: one
+        # that varies along a row stops the loads from being vectorised when seqlen_k is not
+        # a multiple of 16.
         if MASK_KEYS_ONLY:
             # One [BN] row shared by the tile, turned into an additive bias so the tile pays
             # one add (fused with the scaling) rather than a select per score.
-            mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)
+            if CHECK_BOUNDS:
+                mvals = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < seqlen_k, other=0)
+            else:
+                mvals = tl.load(mask_base + offs_n * stride_mn)
             if MASK_KIND == MASK_BOOL:
                 bias = tl.where(mvals != 0, 0.0, float("-inf"))
             else:
                 bias = mvals.to(tl.float32) * LOG2E
             s += bias[None, :]
         else:
-            mvals = tl.load(
-                mask_base[:, None] + offs_n[None, :] * stride_mn,
-                mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :],
-                other=0,
-            )
+            m_ptrs = mask_base[:, None] + offs_n[None, :] * stride_mn
+            if CHECK_BOUNDS:
+                mvals = tl.load(m_ptrs, other=0, mask=(offs_m < seqlen_q)[:, None]
+                                & (offs_n < seqlen_k)[None, :])
+            else:
+                mvals = tl.load(m_ptrs, mask=(offs_m < seqlen_q)[:, None], other=0)
             if MASK_KIND == MASK_BOOL:
                 s = tl.where(mvals != 0, s, float("-inf"))
             else:
