@@ -2,7 +2,9 @@
 
 The rule (measured on an H100, see benchmarks/RESULTS.md):
 - "splitkv" (split-KV flash-decoding) for short query blocks against long caches:
-  seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K. A plain FlashAttention grid has one
+  seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K (DECODE_MIN_K_COMPILED when traced
+  by torch.compile, whose graphs, CUDA-graphed in static-cache generation, do not pay the
+  second launch's host cost that sets DECODE_MIN_K). A plain FlashAttention grid has one
   program per 128 query rows, so a decode step would leave most multiprocessors idle; the
   split-KV kernel read K/V at 2.9-3.1 TB/s at Sk = 32k (98-102% of the device copy
   bandwidth) and matched SDPA from Sk = 8k (2026-11-24, H100).
@@ -27,10 +29,14 @@ DECODE_MAX_Q = 16
 DECODE_MIN_K = 1024
 
 
+DECODE_MIN_K_COMPILED = 128
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose(capability: tuple[int, int], batch: int, heads: int, seq_len: int, seq_len_k: int,
-            head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool) -> str:
-    if seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K:
+            head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool,
+            min_k: int = DECODE_MIN_K) -> str:
+    if seq_len <= DECODE_MAX_Q and seq_len_k >= min_k:
         return "splitkv"
     return "v2"
 
@@ -40,9 +46,12 @@ def choose_variant(device: torch.device, *, batch: int, heads: int, seq_len: int
                    causal: bool) -> str:
     """The variant the selector picks; cached per (capability, shape, dtype, causal) key
     (traced without the cache under torch.compile, which would only warn about it)."""
-    choose = _choose.__wrapped__ if torch.compiler.is_compiling() else _choose
-    return choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
-                  kv_heads, dtype, causal)
+    if torch.compiler.is_compiling():
+        return _choose.__wrapped__(_runtime.capability(device), batch, heads, seq_len,
+                                   seq_len_k, head_dim, kv_heads, dtype, causal,
+                                   DECODE_MIN_K_COMPILED)
+    return _choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
+                   kv_heads, dtype, causal)
 
 
 class SelectedKernel:

@@ -594,3 +594,19 @@ def test_mask_rows_realigned_and_decode_masks_keys_only():
             out = SelectedKernel(variant)(q, k, v, attn_mask=mask)
             ref, _ = reference_attention(q, k, v, attn_mask=mask)
             assert_matches(out, ref, TOLERANCE[F16], what=f"{variant} mask {tuple(mask.shape)}")
+
+
+def test_selector_decode_threshold_eager_and_compiled(monkeypatch):
+    """Split-KV decode from 1k keys in eager (its second launch costs host time), from 128
+    keys in a torch.compile graph (CUDA-graphed replays pay no host time)."""
+    from kernels.selector import choose_variant
+
+    shape = dict(batch=1, heads=32, seq_len=1, seq_len_k=384, head_dim=64, kv_heads=8,
+                 dtype=F16, causal=False)
+    cpu = torch.device("cpu")
+    assert choose_variant(cpu, **shape) == "v2"
+    assert choose_variant(cpu, **{**shape, "seq_len_k": 4096}) == "splitkv"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert choose_variant(cpu, **shape) == "splitkv"
+    assert choose_variant(cpu, **{**shape, "seq_len_k": 100}) == "v2"
+    assert choose_variant(cpu, **{**shape, "seq_len": 17}) == "v2"
