@@ -406,9 +406,9 @@ class _FusedFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
     as one GEMM with the activation in its epilogue (``torch._addmm_activation``), as torch's
     fused fast path does; ``replace_multihead_attention`` gives this class to the encoder
     layers whose attention it swaps, since our module turns that fast path off. The result is
-    the one of ``relu(linear1(x))``: ReLU commutes with the final rounding. Where that GEMM has
-    no gradient (grad mode with any input requiring grad), another activation, or no bias, the
-    block is torch's own."""
+    the one of ``relu(linear1(x))``: ReLU commutes with the final rounding. When a gradient is
+    needed (the fused GEMM has no autograd formula), for another activation, without a bias or
+    on a non-contiguous input, the block is torch's own."""
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         linear1 = self.linear1
