@@ -99,11 +99,19 @@ def eager_generate() -> None:
         _cprofile(lambda: model.generate(prompts, **options), 20)
 
 
-def static_generate() -> None:
+def _static_llama(new_tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """bench_hf's Llama config, one random 128-token prompt, and greedy static-cache
+    generate() options for ``new_tokens`` tokens."""
     model = build_model("llama", torch.device("cuda"))
     prompts = torch.randint(0, 32000, (1, 128), device="cuda")
-    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
-                   min_new_tokens=16, pad_token_id=0, cache_implementation="static")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                   cache_implementation="static")
+    return model, prompts, options
+
+
+def static_generate() -> None:
+    model, prompts, options = _static_llama(new_tokens=16)
     with patch_hf_model(model):
         for run in range(3):
             torch.cuda.synchronize()
@@ -155,10 +163,7 @@ def static_calls() -> None:
 
     from kernels import api
 
-    model = build_model("llama", torch.device("cuda"))
-    prompts = torch.randint(0, 32000, (1, 128), device="cuda")
-    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=8,
-                   min_new_tokens=8, pad_token_id=0, cache_implementation="static")
+    model, prompts, options = _static_llama(new_tokens=8)
     seen: dict[str, tuple] = {}
     run_kernel = api._run_kernel
 
@@ -192,10 +197,7 @@ def static_calls() -> None:
 
 def static_profile() -> None:
     """GPU kernel times of a compiled static-cache generation (16 new tokens), triton_fa."""
-    model = build_model("llama", torch.device("cuda"))
-    prompts = torch.randint(0, 32000, (1, 128), device="cuda")
-    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=16,
-                   min_new_tokens=16, pad_token_id=0, cache_implementation="static")
+    model, prompts, options = _static_llama(new_tokens=16)
     with patch_hf_model(model):
         for _ in range(2):
             model.generate(prompts, **options)
