@@ -826,6 +826,12 @@ def _graph_case(name: str, device):
             if x.is_floating_point():
                 x.copy_(torch.randn_like(x))
 
+    def refill_lengths(inputs):  # fresh q, k, v and a key mask kept up to random lengths
+        refill_randn(inputs[:3])
+        keep = inputs[3]
+        lengths = torch.randint(1, keep.shape[-1] + 1, (keep.shape[0],), device=device)
+        keep.copy_(torch.arange(keep.shape[-1], device=device) < lengths[:, None, None, None])
+
     if name == "prefill_v2":
         args = [rand(2, 8, 512, 64), rand(2, 2, 512, 64), rand(2, 2, 512, 64)]
         return (lambda q, k, v: flash_attention(q, k, v, causal=True, variant="auto")), args, \
@@ -835,27 +841,16 @@ def _graph_case(name: str, device):
         return (lambda q, k, v: flash_attention(q, k, v, causal=True)), args, refill_randn
     if name == "bshd_mask":
         keep = torch.ones(2, 1, 1, 384, dtype=torch.bool, device=device)
-
-        def refill(inputs):
-            refill_randn(inputs[:3])
-            lengths = torch.randint(1, 385, (2,), device=device)
-            inputs[3].copy_(torch.arange(384, device=device) < lengths[:, None, None, None])
-
         args = [rand(2, 384, 8, 64), rand(2, 384, 2, 64), rand(2, 384, 2, 64), keep]
-        return (lambda q, k, v, keep: flash_attention_v2(q, k, v, attn_mask=keep)), args, refill
+        return (lambda q, k, v, keep: flash_attention_v2(q, k, v, attn_mask=keep)), args, \
+            refill_lengths
     if name == "decode_selector":  # Sq = 1 against a 4096-key cache, filled up to a length
         selected = BackendSelector().select_attention(4, 8, 1, 128, seq_len_k=4096, kv_heads=2,
                                                       dtype=torch.float16, device=device)
         assert selected.variant == "splitkv"
         keep = torch.ones(4, 1, 1, 4096, dtype=torch.bool, device=device)
-
-        def refill(inputs):
-            refill_randn(inputs[:3])
-            lengths = torch.randint(1, 4097, (4,), device=device)
-            inputs[3].copy_(torch.arange(4096, device=device) < lengths[:, None, None, None])
-
         args = [rand(4, 8, 1, 128), rand(4, 2, 4096, 128), rand(4, 2, 4096, 128), keep]
-        return (lambda q, k, v, keep: selected(q, k, v, attn_mask=keep)), args, refill
+        return (lambda q, k, v, keep: selected(q, k, v, attn_mask=keep)), args, refill_lengths
     if name == "varlen":  # 4 sequences in 1024 tokens, each at most 512 long
         patterns = [[0, 100, 612, 800, 1024], [0, 500, 520, 1000, 1024], [0, 256, 512, 768, 1024]]
         cu = torch.tensor(patterns[0], device=device, dtype=torch.int32)
