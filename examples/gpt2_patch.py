@@ -19,13 +19,13 @@ not their speed.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from _common import load_tokenizer, use_interpreter_on_cpu
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from flashattn_modules import patch_hf_model
 
@@ -68,23 +68,9 @@ def load_model(name: str | None, layers: int, dtype: torch.dtype,
     else:
         print(f"weights from {name}")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = load_tokenizer(name, model.config.vocab_size)
+        tokenizer = load_tokenizer(name, model.config.vocab_size, TEXT)
     return model.to(device, dtype).eval(), tokenizer
 
-
-def load_tokenizer(name: str, vocab_size: int) -> Any:
-    """The tokenizer of ``name``, or None (said) when there is none that fits the model:
-    without tokenizer files transformers builds an empty one from the config."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        print(f"no tokenizer found for {name} ({type(exc).__name__}): random token ids")
-        return None
-    ids = tokenizer(TEXT)["input_ids"]
-    if not ids or max(ids) >= vocab_size:
-        print(f"the tokenizer of {name} is empty or does not fit the model: random token ids")
-        return None
-    return tokenizer
 
 
 def make_batch(tokenizer: Any, vocab_size: int, batch: int, prompt_len: int,
@@ -157,9 +143,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype or ("float16" if gpu else "float32"))
     repeats = a.repeats or (5 if gpu else 1)
     if not gpu:
-        os.environ["FLASHATTN_CPU_BACKEND"] = "triton"
-        print("CPU: running our Triton kernels through Triton's interpreter "
-              "(FLASHATTN_CPU_BACKEND=triton); sizes are small and times are not speeds.")
+        use_interpreter_on_cpu()
 
     torch.manual_seed(0)
     model, tokenizer = load_model(a.model, layers, dtype, device)

@@ -19,13 +19,13 @@ not their speed.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Iterable
 
 import torch
+from _common import load_tokenizer, use_interpreter_on_cpu
 from tqdm import tqdm  # a requirement of transformers (and in the project's "examples" extra)
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashattn_modules  # noqa: F401  (registers the "triton_fa" attention implementation)
 
@@ -60,20 +60,6 @@ def random_llama(gpu: bool, dtype: torch.dtype, attn: str) -> torch.nn.Module:
           f"the completions mean nothing")
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
 
-
-def load_tokenizer(name: str, vocab_size: int) -> object | None:
-    """The tokenizer of ``name``, or None (said) when there is none that fits the model:
-    without tokenizer files transformers builds an empty one from the config."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        print(f"no tokenizer found for {name} ({type(exc).__name__}): random token ids")
-        return None
-    ids = tokenizer(PROMPTS[0])["input_ids"]
-    if not ids or max(ids) >= vocab_size:
-        print(f"the tokenizer of {name} is empty or does not fit the model: random token ids")
-        return None
-    return tokenizer
 
 
 def pad_left(rows: list[list[int]], pad_id: int,
@@ -128,9 +114,7 @@ def main() -> None:
     max_new_tokens = a.max_new_tokens or (128 if gpu else 4)
     max_prompt_len = a.max_prompt_len or (1024 if gpu else 16)
     if not gpu and a.attn == "triton_fa":
-        os.environ["FLASHATTN_CPU_BACKEND"] = "triton"
-        print("CPU: running our Triton kernels through Triton's interpreter "
-              "(FLASHATTN_CPU_BACKEND=triton); sizes are small and times are not speeds.")
+        use_interpreter_on_cpu()
 
     torch.manual_seed(0)
     if a.model is None:
@@ -139,7 +123,7 @@ def main() -> None:
         print(f"weights from {a.model}")
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype,
                                                      attn_implementation=a.attn)
-        tokenizer = load_tokenizer(a.model, model.config.vocab_size)
+        tokenizer = load_tokenizer(a.model, model.config.vocab_size, PROMPTS[0])
     model = model.to(device).eval()
     vocab_size = model.config.vocab_size
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 
 import torch
+from _common import use_interpreter_on_cpu
 from torch import nn
 
 from flashattn_modules import replace_multihead_attention
@@ -57,9 +57,7 @@ def main() -> None:
     dtype = getattr(torch, a.dtype or ("float16" if gpu else "float32"))
     repeats = a.repeats or (10 if gpu else 1)
     if not gpu:
-        os.environ["FLASHATTN_CPU_BACKEND"] = "triton"
-        print("CPU: running our Triton kernels through Triton's interpreter "
-              "(FLASHATTN_CPU_BACKEND=triton); sizes are small and times are not speeds.")
+        use_interpreter_on_cpu()
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=0.0,

@@ -25,6 +25,7 @@ RUNS: list[str] = []  # what each example printed; conftest shows them after the
 # Runs the script argv[1] with the arguments after it, as `python script ...` would, and
 # prints how many times our kernels were launched.
 _WRAPPER = textwrap.dedent("""
+    import os
     import runpy
     import sys
 
@@ -39,6 +40,7 @@ _WRAPPER = textwrap.dedent("""
 
     _runtime.launch = counting_launch
     sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python script`
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
