@@ -165,6 +165,37 @@ def test_fully_masked_batch(api):
     assert (lse[0] == NEG_INF).all() and torch.isfinite(lse[1]).all()
 
 
+def padding_masks(kind: str, lengths: tuple[int, ...], sk: int, left: int, hole: int,
+                  bias_at: int, dtype: torch.dtype = F32) -> torch.Tensor:
+    """Key-vector masks (len(lengths) + 2, 1, 1, sk): right padding to each length, then one
+    entry with its first ``left`` keys masked and one with a single masked key at ``hole``
+    (float: plus a non-zero bias on 5 keys from ``bias_at``)."""
+    keep = torch.ones(len(lengths) + 2, 1, 1, sk, dtype=torch.bool)
+    for i, length in enumerate(lengths):
+        keep[i, ..., length:] = False
+    keep[-2, ..., :left] = False
+    keep[-1, ..., hole] = False
+    if kind == "bool":
+        return keep
+    mask = torch.zeros(keep.shape).masked_fill(~keep, NEG_INF)
+    mask[-1, ..., bias_at:bias_at + 5] = torch.randn(5)
+    return mask.to(dtype)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_padding_mask_skipped_before_first_masked_key(api, kind, causal):
+    """Key-vector masks run mask-free on the key blocks before the first key they change
+    (``unmasked_until``): right padding that ends inside a block, on a block edge (the CPU
+    tiles are 16 keys), no padding, one key left, left padding, and a float bias that starts
+    mid-sequence. Each row must still match the reference."""
+    sk = 70
+    mask = padding_masks(kind, (sk, 48, 37, 1), sk, left=20, hole=50, bias_at=40)
+    q, k, v = make_qkv(mask.shape[0], H, 23, sk, 40, layout=layout_of(api))
+    check_call(api, q, k, v, attn_mask=mask, causal=causal)
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_mask_errors(api):
     q, k, v = make_qkv(B, H, SQ, SK, 16, layout=layout_of(api))
@@ -642,6 +673,20 @@ def test_gpu_masks(api, dtype, gpu_device):
         out, lse = _gpu_check(api, q, k, v, attn_mask=mask.to(gpu_device), causal=causal)
         if kind == "bool" and len(shape) == 2:
             assert (lse[:, :, 3] == NEG_INF).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("api, dtype", API_DTYPE, ids=_api_dtype_ids(API_DTYPE))
+def test_gpu_key_padding_masks(api, dtype, gpu_device):
+    """The compiled mask-free prefix of key-vector masks (64- and 128-key tiles): padding on
+    and off block edges, none, one key left, left padding, a hole, a float bias."""
+    sk = 1000
+    for kind, causal in [("bool", True), ("float", False)]:
+        mask = padding_masks(kind, (sk, 512, 700, 1), sk, left=200, hole=900, bias_at=300,
+                             dtype=dtype)
+        q, k, v = make_qkv(mask.shape[0], 4, 300, sk, 64, dtype=dtype, layout=layout_of(api),
+                           kv_heads=2, device=gpu_device)
+        _gpu_check(api, q, k, v, attn_mask=mask.to(gpu_device), causal=causal)
 
 
 @pytest.mark.gpu

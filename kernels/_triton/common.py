@@ -170,6 +170,29 @@ def attend_block(
 
 
 @triton.jit
+def unmasked_until(mask_base, stride_mn, start, stop, MASK_KIND: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """First key block in [start, stop) (block-aligned, inside the keys) where a key-vector
+    mask changes a score: a False of a bool mask, a non-zero of a float mask; ``stop`` if
+    none. The blocks before it can run as if there were no mask (the common right-padded
+    batch pays the mask only on its padded tail). One [BLOCK_N] load per block scanned."""
+    offs = tl.arange(0, BLOCK_N)
+    n = start
+    clean = n < stop
+    while clean:
+        mvals = tl.load(mask_base + (n + offs) * stride_mn)
+        if MASK_KIND == MASK_BOOL:
+            changed = mvals == 0
+        else:
+            changed = mvals != 0
+        clean = max_along(changed.to(tl.int32), 0) == 0
+        if clean:
+            n += BLOCK_N
+            clean = n < stop
+    return n
+
+
+@triton.jit
 def finalize(acc, m_i, l_i):
     """Normalised output [BM, BD] and natural-log lse [BM]; rows with no key give 0 and -inf."""
     empty = l_i == 0.0

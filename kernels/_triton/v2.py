@@ -9,7 +9,7 @@ sequence and the batch stride is unused.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, attend_block, finalize, key_range, load_tile
+from .common import LOG2E, MASK_NONE, attend_block, finalize, key_range, load_tile, unmasked_until
 
 
 @triton.jit
@@ -130,8 +130,19 @@ def attention_fwd_v2(
 
         lo, a, c, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                  BLOCK_M, BLOCK_N, BOUNDED_LEFT, BOUNDED_RIGHT)
-        # Leading blocks cut by the left edge of a window, then the unmasked interior, then the
-        # diagonal band and the sequence tail.
+        # Leading blocks cut by the left edge of a window, then the interior that needs no
+        # bounds mask, then the diagonal band and the sequence tail. A key-vector mask is
+        # skipped on the interior blocks before the first key it changes.
+        if MASK_KEYS_ONLY and MASK_KIND != MASK_NONE:
+            free_hi = unmasked_until(mask_base, stride_mn, a, c, MASK_KIND, BLOCK_N)
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, a, free_hi, offs_m, offs_nb,
+                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_NONE, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+                False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+        else:
+            free_hi = a
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
@@ -139,7 +150,7 @@ def attention_fwd_v2(
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
             True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, a, c, offs_m, offs_nb, offs_d,
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, free_hi, c, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
