@@ -47,7 +47,6 @@ import torch
 
 from kernels.api import attention as kernel_attention
 from kernels.api import check_qkv
-from kernels.selector import choose_variant
 
 from . import _dispatch
 
@@ -108,15 +107,10 @@ def triton_fa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                       else (sliding_window, sliding_window))
     softcap = kwargs.get("softcap") or 0.0
     if query.device.type == "cuda":
-        # BackendSelector's rule, applied without building its SelectedKernel object (a frozen
-        # dataclass, which torch.compile cannot construct inside a graph)
-        variant = choose_variant(query.device, batch=query.shape[0], heads=query.shape[1],
-                                 seq_len=seqlen_q, seq_len_k=key.shape[2],
-                                 head_dim=query.shape[3], kv_heads=key.shape[1],
-                                 dtype=query.dtype, causal=causal)
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        check_qkv(q, k, v, "bshd")
-        out = kernel_attention(q, k, v, layout="bshd", variant=variant, causal=causal,
+        check_qkv(query, key, value, "bhsd")
+        # BHSD in, the (B, Sq, H, D) output transformers wants written directly; "auto" is
+        # BackendSelector's rule (kernels.selector.choose_variant)
+        out = kernel_attention(query, key, value, out_bshd=True, variant="auto", causal=causal,
                                softmax_scale=scaling, return_lse=False,
                                attn_mask=attention_mask, window_size=window, softcap=softcap,
                                alibi_slopes=None)

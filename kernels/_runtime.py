@@ -32,13 +32,22 @@ _import_lock = threading.Lock()
 _interpreter_lock = threading.Lock()
 
 
+# (name, device type) -> module; filled once per pair (a dict read on every launch)
+_modules: dict[tuple[str, str], ModuleType] = {}
+
+
 def kernel_module(name: str, device: torch.device) -> ModuleType:
     """The module ``kernels/_triton/<name>.py`` built for ``device`` (compiled or interpreted)."""
-    if device.type == "cuda":
-        return importlib.import_module(f"{_COMPILED}.{name}")
-    if device.type == "cpu":
-        return _interpreted_module(name)
-    raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
+    module = _modules.get((name, device.type))
+    if module is None:
+        if device.type == "cuda":
+            module = importlib.import_module(f"{_COMPILED}.{name}")
+        elif device.type == "cpu":
+            module = _interpreted_module(name)
+        else:
+            raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
+        _modules[(name, device.type)] = module
+    return module
 
 
 def _interpreted_module(name: str) -> ModuleType:

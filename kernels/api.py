@@ -1,8 +1,9 @@
 """Public entry points: validation, layout handling, output allocation, and the custom op that
 torch.compile and autograd see.
 
-Layouts are a matter of strides: a BSHD tensor is handed to the kernels as its (1, 2)
-transpose, a view, so both layouts run the same kernels without a copy.
+Layouts are a matter of strides: q, k and v reach the op as (B, H, S, D) views (a BSHD
+tensor as its (1, 2) transpose), and the output is allocated in the layout the caller wants
+back, so both layouts run the same kernels without a copy.
 """
 
 from __future__ import annotations
@@ -156,19 +157,23 @@ def _run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreAr
                 variant: str, bshd: bool, cu_seqlens_q: torch.Tensor | None,
                 cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate outputs in q's layout and launch. q/k/v in the user's layout."""
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    varlen = cu_seqlens_q is not None
-    if varlen:  # (T, H, D) -> a (1, H, T, D) view
+    """Allocate the outputs and launch. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) views;
+    out is (B, Sq, H, D) memory when ``bshd``, else (B, H, Sq, D). Varlen: (T, H, D)."""
+    if cu_seqlens_q is not None:  # (T, H, D) -> a (1, H, T, D) view
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
-        views = [x.unsqueeze(0).transpose(1, 2) for x in (q, k, v, out)]
+        qv, kv, vv, ov = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v, out))
         lse_view = lse.unsqueeze(0)
     else:
-        batch, heads, seqlen_q = (q.shape[0], q.shape[2], q.shape[1]) if bshd else q.shape[:3]
-        lse = torch.empty((batch, heads, seqlen_q), device=q.device, dtype=torch.float32)
-        views = [x.transpose(1, 2) if bshd else x for x in (q, k, v, out)]
-        lse_view = lse
-    qv, kv, vv, ov = views
+        batch, heads, seqlen_q, head_dim = q.shape
+        if bshd:
+            out = torch.empty((batch, seqlen_q, heads, head_dim), device=q.device, dtype=q.dtype)
+            ov = out.transpose(1, 2)
+        else:
+            out = ov = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = lse_view = torch.empty((batch, heads, seqlen_q), device=q.device,
+                                     dtype=torch.float32)
+        qv, kv, vv = q, k, v
     if out.numel() == 0 or kv.shape[2] == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -204,11 +209,12 @@ def _attention_op(
     cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, bshd: bool, variant: str,
     causal: bool, sm_scale: float, window_left: int, window_right: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Sq, D), k/v (B, Hkv, Sk, D) views (varlen: (T, H, D)); returns out, (B, Sq,
+    H, D) when ``bshd`` else (B, H, Sq, D), and lse (B, H, Sq) (varlen: (H, T))."""
     if cu_seqlens_q is None:  # direct calls may pass unexpanded masks and slopes: free views
-        batch, heads = q.shape[0], q.shape[2] if bshd else q.shape[1]
-        seqlen_q, seqlen_k = (q.shape[1], k.shape[1]) if bshd else (q.shape[2], k.shape[2])
+        batch, heads, seqlen_q = q.shape[:3]
         if attn_mask is not None:
-            attn_mask = attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
+            attn_mask = attn_mask.expand(batch, heads, seqlen_q, k.shape[2])
         if alibi_slopes is not None:
             alibi_slopes = alibi_slopes.expand(batch, heads)
     args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
@@ -220,12 +226,12 @@ def _attention_op(
 def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, bshd, variant, causal, sm_scale, window_left, window_right,
                        softcap):
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is not None:
-        shape = (q.shape[1], q.shape[0])
-    else:
-        shape = (q.shape[0], q.shape[2], q.shape[1]) if bshd else tuple(q.shape[:3])
-    return out, q.new_empty(shape, dtype=torch.float32)
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+    batch, heads, seqlen_q, head_dim = q.shape
+    out = q.new_empty((batch, seqlen_q, heads, head_dim) if bshd else tuple(q.shape))
+    return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -243,10 +249,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
     args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
-    swap = (lambda x: x.transpose(1, 2)) if ctx.bshd else (lambda x: x)
-    dq, dk, dv = attention_backward(swap(grad_out), grad_lse, swap(q), swap(k), swap(v),
-                                    swap(out), lse, args)
-    return (swap(dq), swap(dk), swap(dv)) + (None,) * 12
+    if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
+        grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
+    dq, dk, dv = attention_backward(grad_out, grad_lse, q, k, v, out, lse, args)
+    return (dq, dk, dv) + (None,) * 12
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -290,24 +296,23 @@ def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seql
 
 # ----------------------------------------------------------------------------- entry points
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, variant: str,
-              causal: bool, softmax_scale: float | None, return_lse: bool,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out_bshd: bool,
+              variant: str, causal: bool, softmax_scale: float | None, return_lse: bool,
               attn_mask: torch.Tensor | None, window_size: tuple[int, int], softcap: float,
               alibi_slopes: torch.Tensor | None):
-    """Shared body of the dense entry points (q/k/v already validated for ``layout``)."""
-    bshd = layout == "bshd"
-    qv, kv = (q.transpose(1, 2), k.transpose(1, 2)) if bshd else (q, k)
-    args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=attn_mask,
+    """Shared body of the dense entry points: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), already
+    validated, any strides (a BSHD tensor as its transpose). Returns out (B, Sq, H, D) when
+    ``out_bshd`` else (B, H, Sq, D), contiguous, and lse (B, H, Sq) with ``return_lse``."""
+    args = score_args(q, k, causal=causal, softmax_scale=softmax_scale, attn_mask=attn_mask,
                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     if variant == "auto":
         from .selector import choose_variant
-        variant = choose_variant(q.device, batch=qv.shape[0], heads=qv.shape[1],
-                                 seq_len=qv.shape[2], seq_len_k=kv.shape[2],
-                                 head_dim=qv.shape[3], kv_heads=kv.shape[1], dtype=q.dtype,
-                                 causal=causal)
-    out, lse = _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, bshd,
-                             variant, causal, args.sm_scale, args.window_left,
-                             args.window_right, args.softcap)
+        variant = choose_variant(q.device, batch=q.shape[0], heads=q.shape[1],
+                                 seq_len=q.shape[2], seq_len_k=k.shape[2], head_dim=q.shape[3],
+                                 kv_heads=k.shape[1], dtype=q.dtype, causal=causal)
+    out, lse = _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, out_bshd,
+                     variant, causal, args.sm_scale, args.window_left, args.window_right,
+                     args.softcap)
     return (out, lse) if return_lse else out
 
 
@@ -359,7 +364,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, variant="v1",
     """
     check_qkv(q, k, v, "bhsd")
     _check_variant(variant)
-    return attention(q, k, v, layout="bhsd", variant=variant, causal=causal,
+    return attention(q, k, v, out_bshd=False, variant=variant, causal=causal,
                      softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
 
@@ -374,7 +379,8 @@ def flash_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ``return_lse``, lse (B, H, Sq). Every option means what it means in ``flash_attention``;
     ``attn_mask`` still broadcasts to (B, H, Sq, Sk) whatever the layout."""
     check_qkv(q, k, v, "bshd")
-    return attention(q, k, v, layout="bshd", variant="v2", causal=causal,
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out_bshd=True,
+                     variant="v2", causal=causal,
                      softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
 

@@ -77,7 +77,10 @@ class SelectedKernel:
         if layout not in ("bhsd", "bshd"):
             raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
         check_qkv(q, k, v, layout)
-        return attention(q, k, v, layout=layout, variant=self.variant, causal=causal,
+        bshd = layout == "bshd"
+        if bshd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return attention(q, k, v, out_bshd=bshd, variant=self.variant, causal=causal,
                          softmax_scale=softmax_scale, return_lse=return_lse,
                          attn_mask=attn_mask, window_size=window_size, softcap=softcap,
                          alibi_slopes=alibi_slopes)
