@@ -95,6 +95,14 @@ def _aligned_copy(mask: torch.Tensor) -> torch.Tensor:
     return aligned.expand(batch, heads, rows, keys)
 
 
+def _lse_arg(lse: torch.Tensor | None, fallback: torch.Tensor
+             ) -> tuple[torch.Tensor, tuple[int, ...], bool]:
+    """The lse output, its strides and STORE_LSE; a call that wants no lse passes None."""
+    if lse is None:
+        return fallback, (0, 0, 0), False
+    return lse, lse.stride(), True
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -134,13 +142,14 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
 
 
 def forward_v2(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    args: ScoreArgs, *, cu_seqlens_q: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, args: ScoreArgs, *, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
     config: TileConfig | None = None,
 ) -> None:
-    """FA2 kernel. q/out (B, H, Sq, D), k/v (B, Hkv, Sk, D), lse (B, H, Sq) as strided views.
-    Varlen: B = 1 views of packed tokens, the batch given by cu_seqlens (B + 1,) int32."""
+    """FA2 kernel. q/out (B, H, Sq, D), k/v (B, Hkv, Sk, D), lse (B, H, Sq) or None as
+    strided views. Varlen: B = 1 views of packed tokens, the batch given by cu_seqlens (B + 1,)
+    int32."""
     device = q.device
     kernel = _runtime.kernel_module("v2", device).attention_fwd_v2
     _, H, Sq, D = q.shape
@@ -151,6 +160,7 @@ def forward_v2(
     cfg = config or tile_config("v2", device, D, q.dtype, args.causal)
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
+    lse, lse_strides, store_lse = _lse_arg(lse, out)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     grid = (_cdiv(rows, cfg.block_m), batch * H)
@@ -165,17 +175,17 @@ def forward_v2(
     _runtime.launch(
         kernel, grid, device,
         (q_src, k_src, v_src, out, lse, mask, alibi, cu_q, cu_k,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
          *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-             IS_VARLEN=varlen, STORE_LSE=True, USE_TMA=use_tma,
+             IS_VARLEN=varlen, STORE_LSE=store_lse, USE_TMA=use_tma,
              DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
         cfg.num_warps, cfg.num_stages)
 
 
 def forward_v1(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    args: ScoreArgs, *, config: TileConfig | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, args: ScoreArgs, *, config: TileConfig | None = None,
 ) -> None:
     """FA1-schedule kernel; shapes as in ``forward_v2`` (no varlen). Allocates a float32
     workspace of (B*H, Sq, next_pow2(D)) plus two (B*H, Sq) vectors."""
@@ -190,14 +200,15 @@ def forward_v1(
     ell = torch.empty_like(m)
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
+    lse, lse_strides, store_lse = _lse_arg(lse, out)
     values, flags = args.kernel_args()
     _runtime.launch(
         kernel, (B * H,), device,
         (q, k, v, out, lse, acc, m, ell, mask, alibi,
-         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
          *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-             STORE_LSE=True, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
+             STORE_LSE=store_lse, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
         cfg.num_warps, cfg.num_stages)
 
 
@@ -212,8 +223,9 @@ def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) 
 
 
 def forward_splitkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    args: ScoreArgs, *, num_splits: int | None = None, config: TileConfig | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor | None, args: ScoreArgs, *, num_splits: int | None = None,
+    config: TileConfig | None = None,
 ) -> None:
     """Split-KV kernel and merge; shapes as in ``forward_v2`` (no varlen). Allocates float32
     partials of (B, H, splits, Sq, next_pow2(D)) and (B, H, splits, Sq)."""
@@ -230,6 +242,7 @@ def forward_splitkv(
     splits = _cdiv(Sk, split_len)
     o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
     lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
+    lse, lse_strides, store_lse = _lse_arg(lse, out)
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
     values, flags = args.kernel_args()
@@ -246,7 +259,7 @@ def forward_splitkv(
         cfg.num_warps, cfg.num_stages)
     _runtime.launch(
         module.merge_splits, (B * H, Sq), device,
-        (o_part, lse_part, out, lse, *out.stride(), *lse.stride(), H, Sq),
+        (o_part, lse_part, out, lse, *out.stride(), *lse_strides, H, Sq),
         dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-             BLOCK_S=_next_pow2(splits)),
+             BLOCK_S=_next_pow2(splits), STORE_LSE=store_lse),
         4, 1)

@@ -155,10 +155,12 @@ def _prepare_alibi(slopes: object, q: torch.Tensor, batch: int, heads: int
 
 def _run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs,
                 variant: str, bshd: bool, cu_seqlens_q: torch.Tensor | None,
-                cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, store_lse: bool = True,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Allocate the outputs and launch. Dense: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) views;
-    out is (B, Sq, H, D) memory when ``bshd``, else (B, H, Sq, D). Varlen: (T, H, D)."""
+    out is (B, Sq, H, D) memory when ``bshd``, else (B, H, Sq, D). Varlen: (T, H, D). Without
+    ``store_lse`` (a dense eager call that neither returns nor differentiates it) no lse is
+    allocated or written, and None is returned in its place."""
     if cu_seqlens_q is not None:  # (T, H, D) -> a (1, H, T, D) view
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
@@ -172,11 +174,12 @@ def _run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreAr
         else:
             out = ov = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         lse = lse_view = torch.empty((batch, heads, seqlen_q), device=q.device,
-                                     dtype=torch.float32)
+                                     dtype=torch.float32) if store_lse else None
         qv, kv, vv = q, k, v
     if out.numel() == 0 or kv.shape[2] == 0:
         out.zero_()
-        lse.fill_(float("-inf"))
+        if lse is not None:
+            lse.fill_(float("-inf"))
         return out, lse
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # The interpreter computes bf16 wrongly: run in float32 and round the output once.
@@ -274,10 +277,11 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
-          variant, causal, sm_scale, window_left, window_right, softcap):
-    """Run the op: through the registered custom op when torch.compile traces, otherwise
-    directly (the custom op's Python dispatch costs tens of microseconds per call, which a
-    decode step cannot hide)."""
+          variant, causal, sm_scale, window_left, window_right, softcap, *, return_lse=True):
+    """Run the op (arguments: the op's inputs): through the registered custom op when
+    torch.compile traces, otherwise directly (the custom op's Python dispatch costs tens of
+    microseconds per call, which a decode step cannot hide). A direct call that needs no
+    gradient skips the lse unless ``return_lse`` (its second result is then None)."""
     inputs = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
               variant, causal, sm_scale, window_left, window_right, softcap)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
@@ -291,7 +295,8 @@ def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seql
         return _EagerAttention.apply(*inputs)
     args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
                      alibi_slopes)
-    return _run_kernel(q, k, v, args, variant, bshd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    return _run_kernel(q, k, v, args, variant, bshd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       store_lse=return_lse)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -312,7 +317,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out_bshd: bo
                                  kv_heads=k.shape[1], dtype=q.dtype, causal=causal)
     out, lse = _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, out_bshd,
                      variant, causal, args.sm_scale, args.window_left, args.window_right,
-                     args.softcap)
+                     args.softcap, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -261,9 +261,9 @@ def _captured_op_inputs(run) -> list[tuple]:
     captured = []
     real = api._call
 
-    def spy(*inputs):
+    def spy(*inputs, **options):
         captured.append(inputs)
-        return real(*inputs)
+        return real(*inputs, **options)
 
     api._call = spy
     try:

@@ -17,6 +17,7 @@ import triton
 
 import kernels
 from kernels import BackendSelector, flash_attention, flash_attention_v2
+from kernels.selector import SelectedKernel
 from tests.reference import (
     TOLERANCE,
     assert_lse_matches,
@@ -160,11 +161,37 @@ def test_softmax_scale_and_default(api):
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_return_lse_flag(api):
+def test_return_lse_flag(api, monkeypatch):
+    """Without return_lse (and no gradient) the kernels get no lse to write (STORE_LSE off);
+    the output is the same, bit for bit, as with it."""
+    import kernels._launch as launch
+
+    lse_args = []
+    for name in ("forward_v1", "forward_v2"):
+        original = getattr(launch, name)
+
+        def spy(q, k, v, out, lse, *rest, _original=original, **kw):
+            lse_args.append(lse)
+            return _original(q, k, v, out, lse, *rest, **kw)
+
+        monkeypatch.setattr(launch, name, spy)
     q, k, v = make_qkv(2, 2, 17, 9, 40, layout=layout_of(api))
     out = call(api, q, k, v, causal=True)
-    assert isinstance(out, torch.Tensor)
+    assert isinstance(out, torch.Tensor) and lse_args == [None]
     ref, _ = reference_attention(q, k, v, layout=layout_of(api), causal=True)
+    assert_matches(out, ref, TOLERANCE[F32])
+    with_lse, lse = call(api, q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, with_lse) and lse_args[1] is not None
+
+
+def test_split_kv_without_lse():
+    """The split-KV merge with and without its lse output."""
+    q, k, v = make_qkv(2, 4, 2, 70, 24, kv_heads=2)
+    kernel = SelectedKernel("splitkv")
+    out = kernel(q, k, v, causal=True)
+    with_lse, _ = kernel(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, with_lse)
+    ref, _ = reference_attention(q, k, v, causal=True)
     assert_matches(out, ref, TOLERANCE[F32])
 
 
@@ -319,7 +346,6 @@ def test_selector_decode_shape(layout):
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_selected_kernel_each_variant_bshd(variant):
     """Both variants behind the selector's callable on BSHD tensors (V1 on the BSHD strides)."""
-    from kernels.selector import SelectedKernel
 
     q, k, v = make_qkv(2, 2, 33, 17, 40, layout="bshd", dtype=F16)
     out, lse = SelectedKernel(variant=variant, layout="bshd")(q, k, v, causal=True,
@@ -477,7 +503,7 @@ def _constexprs(head_dim, block_m, block_n, **overrides):
 # and warps as in kernels/configs.py's H100 table: plain; every feature; float32 with TF32;
 # the TMA (tensor descriptor) path, plain and with every feature.
 _V2_COMPILES = [
-    ("fp16", "*fp16", _constexprs(64, 128, 64, IS_VARLEN=False), False, 4, 3),
+    ("fp16", "*fp16", _constexprs(64, 128, 64, IS_VARLEN=False, STORE_LSE=False), False, 4, 3),
     ("bf16", "*bf16", _constexprs(80, 128, 64, IS_VARLEN=True, BOUNDED_LEFT=True,
                                   BOUNDED_RIGHT=True, MASK_KIND=2, MASK_KEYS_ONLY=False,
                                   HAS_SOFTCAP=True, HAS_ALIBI=True), False, 8, 3),
@@ -490,7 +516,7 @@ _V2_COMPILES = [
                                   HAS_SOFTCAP=True, HAS_ALIBI=True), True, 4, 3),
 ]
 _V1_COMPILES = [
-    ("fp16", "*fp16", _constexprs(64, 64, 64), False, 4, 1),
+    ("fp16", "*fp16", _constexprs(64, 64, 64, STORE_LSE=False), False, 4, 1),
     ("fp32", "*fp32", _constexprs(96, 32, 32, BOUNDED_LEFT=True, BOUNDED_RIGHT=True,
                                   MASK_KIND=2, MASK_KEYS_ONLY=False, HAS_SOFTCAP=True,
                                   HAS_ALIBI=True, DOT_PRECISION="tf32"), False, 4, 1),
@@ -569,7 +595,6 @@ def test_mask_rows_realigned_and_decode_masks_keys_only():
     prefill) reaches the kernels copied into aligned rows, broadcast dims kept; a one-query
     mask is read as a key vector. Both give the reference's answer, in each variant."""
     from kernels._launch import ScoreArgs
-    from kernels.selector import SelectedKernel
 
     def args_for(mask):
         return ScoreArgs(0.1, False, -1, -1, 0.0, mask, None)

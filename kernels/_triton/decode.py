@@ -96,7 +96,7 @@ def merge_splits(
     stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
     H, Sq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Combine the splits of one (batch*head, query row): the split outputs weighted by
     exp(lse_s), normalised; a row no split saw gives 0 and lse -inf."""
@@ -120,4 +120,5 @@ def merge_splits(
     lse = tl.where(empty, float("-inf"), (m_use + tl.log2(total)) * LN2)
     tl.store(O + b * stride_ob + h * stride_oh + row * stride_om + offs_d * stride_od,
              out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + b * stride_lb + h * stride_lh + row * stride_lm, lse)
+    if STORE_LSE:
+        tl.store(LSE + b * stride_lb + h * stride_lh + row * stride_lm, lse)
