@@ -1,0 +1,63 @@
+"""Python cost of one call on the way to a kernel launch, on the CPU (no GPU needed).
+
+The launch itself is stubbed out (``kernels._runtime.launch`` does nothing), so what is timed
+is validation, option handling, the selector, output allocation and building the kernel
+arguments: the part of an eager call's host cost that this package's Python decides. The
+GPU host adds Triton's C launcher and the CUDA caching allocator on top (see NOTES.md, "Host
+overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16).
+
+    PYTHONPATH=. python benchmarks/host_path.py
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from kernels import _launch, _runtime, flash_attention, flash_attention_v2
+from kernels.api import attention, check_qkv
+
+
+def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> float:
+    """Best mean time per call over ``rounds`` rounds of ``calls`` calls, in microseconds."""
+    for _ in range(300):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def main() -> None:
+    _runtime.launch = _launch.launch = lambda *args, **kwargs: None
+    q = torch.randn(1, 12, 1, 64, dtype=torch.float16)
+    k = torch.randn(1, 12, 300, 64, dtype=torch.float16)
+    v = torch.randn_like(k)
+    q2, k2, v2 = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def patched_call() -> torch.Tensor:
+        # what flashattn_modules.hf.triton_fa_attention does on CUDA tensors
+        check_qkv(q, k, v, "bhsd")
+        return attention(q, k, v, out_bshd=True, variant="auto", causal=False,
+                         softmax_scale=0.125, return_lse=False, attn_mask=None,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+
+    cases = {
+        "Hugging Face attention call (BHSD in, BSHD out)": patched_call,
+        'flash_attention(variant="v2")': lambda: flash_attention(q, k, v, variant="v2"),
+        'flash_attention(variant="auto")': lambda: flash_attention(q, k, v, variant="auto"),
+        "flash_attention_v2 (BSHD)": lambda: flash_attention_v2(q2, k2, v2),
+        "flash_attention_v2, return_lse=True": lambda: flash_attention_v2(q2, k2, v2,
+                                                                           return_lse=True),
+    }
+    for name, fn in cases.items():
+        print(f"{name}: {best_us(fn):.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
