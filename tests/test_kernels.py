@@ -346,7 +346,6 @@ def test_selector_decode_shape(layout):
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_selected_kernel_each_variant_bshd(variant):
     """Both variants behind the selector's callable on BSHD tensors (V1 on the BSHD strides)."""
-
     q, k, v = make_qkv(2, 2, 33, 17, 40, layout="bshd", dtype=F16)
     out, lse = SelectedKernel(variant=variant, layout="bshd")(q, k, v, causal=True,
                                                                return_lse=True)
