@@ -117,7 +117,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, _next_pow2(head_dim))
 
 
-_TMA_MIN_ROWS = 256  # below, building three descriptors costs more host time than TMA saves
+# Tensor descriptors (TMA) gained 0-11% of kernel time on the H100 but cost about 30 us of host
+# time per call (three descriptors, encoded again by Triton's launcher on every launch): more
+# than they save on small calls, which are host-bound. Below either bound, pointers.
+_TMA_MIN_ROWS = 256
+_TMA_MIN_SCORES = 1 << 28  # batch * heads * query rows * keys (B1 H16 S4k: 2^28)
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -165,7 +169,8 @@ def forward_v2(
     cu_k = cu_seqlens_k if varlen else q
     grid = (_cdiv(rows, cfg.block_m), batch * H)
     block_d = _block_d(D)
-    use_tma = rows >= _TMA_MIN_ROWS and _tma_ok(q, k, v)
+    use_tma = (rows >= _TMA_MIN_ROWS and batch * H * rows * Sk >= _TMA_MIN_SCORES
+               and _tma_ok(q, k, v))
     if use_tma:
         q_src = _descriptor(q, cfg.block_m, block_d)
         k_src, v_src = (_descriptor(x, cfg.block_n, block_d) for x in (k, v))
@@ -213,10 +218,11 @@ def forward_v1(
 
 
 def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) -> int:
-    """Enough splits for about eight programs per multiprocessor (measured best on the H100
-    at long caches), each at least two blocks long."""
+    """Enough splits for one program per multiprocessor, each at least two blocks long (H200
+    sweep of 2026-11-30 over 1, 2, 4 and 8 programs per multiprocessor: one was best or
+    within 1% of best at 5 of 6 decode points, benchmarks/NOTES.md)."""
     if device.type == "cuda":
-        programs = 8 * _runtime.multiprocessors(device)
+        programs = _runtime.multiprocessors(device)
     else:
         programs = 4
     return max(1, min(_cdiv(programs, groups), _cdiv(seqlen_k, 2 * block_n)))

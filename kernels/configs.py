@@ -54,8 +54,11 @@ for _causal in (False, True):
         (256, TileConfig(16, 32, 4, 1)),
     ]
     # Split-KV decode: memory-bound; block_m is the cap on (GQA group x query rows) per tile.
+    # 64-key tiles, 3 stages, with one program per multiprocessor (_launch._num_splits): best
+    # of the 2026-11-30 H200 sweep at 4 of its 6 points (B8 H32 Hkv 32/8, Sk 1k/8k/32k, D128)
+    # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md)
     _CUDA_TABLE[("splitkv", False, _causal)] = [
-        (128, TileConfig(64, 128, 4, 3)),
+        (128, TileConfig(64, 64, 4, 3)),
         (256, TileConfig(32, 32, 4, 2)),
     ]
     _CUDA_TABLE[("splitkv", True, _causal)] = [

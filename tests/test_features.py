@@ -661,6 +661,26 @@ def test_gpu_strided_and_unaligned(api, dtype, gpu_device):
 
 
 @pytest.mark.gpu
+def test_gpu_tma_size_rule(gpu_device, monkeypatch):
+    """V2 builds tensor descriptors only from _TMA_MIN_SCORES scores (B*H*Sq*Sk) and 256 query
+    rows: smaller calls are host-bound and take the pointer path. Both give the right answer."""
+    from kernels import _launch
+
+    bound = 4 * 300 * 800
+    monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", bound)
+    built = []
+    real = _launch._descriptor
+    monkeypatch.setattr(_launch, "_descriptor", lambda *a: built.append(a) or real(*a))
+    for sq, sk, expected in [(300, 799, 0), (300, 800, 3), (255, 2000, 0), (1000, 300, 3)]:
+        built.clear()
+        q, k, v = make_qkv(1, 4, sq, sk, 64, dtype=F16, layout="bshd", kv_heads=2,
+                           device=gpu_device)
+        assert (4 * sq * sk >= bound and sq >= 256) == (expected > 0)
+        _gpu_check("bshd", q, k, v, causal=True)
+        assert len(built) == expected, (sq, sk)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("api, dtype", API_DTYPE, ids=_api_dtype_ids(API_DTYPE))
 def test_gpu_masks(api, dtype, gpu_device):
     b, h, sq, sk, d = 2, 4, 300, 517, 64
