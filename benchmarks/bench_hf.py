@@ -9,7 +9,9 @@ layers, 32 heads, 8 KV heads, vocab 32000, 8192 positions, bf16). For each imple
 - prefill time (batch 1, full forward without cache, last-token logits) at 2k and 8k tokens;
 - greedy generation throughput with a DynamicCache from 128-token random prompts, 256 new
   tokens (no early stop), batch 1 and 16, in generated tokens per second.
-Times are medians of --repeats runs (default 5; fewer fit a tight time budget).
+Times are medians of --repeats runs (default 5; fewer fit a tight time budget), taken
+round-robin over the implementations after one warm-up run of each (the order rotated every
+round), so that drifts of the host's or the GPU's clocks fall on every implementation alike.
 
     PYTHONPATH=. python benchmarks/bench_hf.py --out benchmarks/RESULTS.md
 
@@ -20,11 +22,12 @@ transformers versions, to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -52,64 +55,92 @@ def build_model(name: str, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one ``fn()``, the GPU drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
     fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
-def measure(model: torch.nn.Module, args: argparse.Namespace, prompt_2k: torch.Tensor,
-            reference: torch.Tensor) -> dict:
-    """One implementation's measurements (the model already switched to it)."""
-    vocab, device = model.config.vocab_size, prompt_2k.device
-    row: dict = {}
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, impl: str) -> Iterator[None]:
+    """``model`` switched to ``impl`` (triton_fa through ``patch_hf_model``), back to sdpa after."""
+    from flashattn_modules import patch_hf_model
+
+    if impl == "triton_fa":
+        with patch_hf_model(model):
+            yield
+    else:
+        model.set_attn_implementation(impl)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation("sdpa")
+
+
+def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
+                        repeats: int) -> dict[str, float]:
+    """Median wall time of ``fn`` per implementation, timed round-robin: one warm-up run
+    each, then ``repeats`` rounds that run every implementation once, the order rotated each
+    round, so that drifts of the host or GPU clocks fall on all of them alike."""
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for round_ in range(-1, repeats):
+        shift = max(round_, 0) % len(impls)
+        for impl in impls[shift:] + impls[:shift]:
+            with attention_implementation(model, impl):
+                elapsed = seconds(fn)
+            if round_ >= 0:
+                times[impl].append(elapsed)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every measurement of one model, for every implementation of ``args.impls``."""
+    model = build_model(name, device)
+    vocab = model.config.vocab_size
+    rows = {impl: {"model": name, "impl": impl} for impl in args.impls}
+    prompt_2k = torch.randint(0, vocab, (1, 2048), device=device)
     with torch.no_grad():
-        logits = model(prompt_2k, use_cache=False).logits.float()
-        row["rel_err"] = ((logits - reference).norm() / reference.norm()).item()
+        reference = model(prompt_2k, use_cache=False).logits.float()  # SDPA
+        for impl in args.impls:
+            with attention_implementation(model, impl):
+                logits = model(prompt_2k, use_cache=False).logits.float()
+            rows[impl]["rel_err"] = ((logits - reference).norm() / reference.norm()).item()
         for length in args.prefill_lengths:
             ids = torch.randint(0, vocab, (1, length), device=device)
-            row[f"prefill_{length}"] = 1e3 * median_seconds(
-                lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), args.repeats)
+            print(f"{name} prefill {length} ...", flush=True)
+            def prefill(m=model, ids=ids):
+                return m(ids, use_cache=False, logits_to_keep=1)
+
+            medians = interleaved_medians(model, args.impls, prefill, args.repeats)
+            for impl, t in medians.items():
+                rows[impl][f"prefill_{length}"] = 1e3 * t
     for batch in args.batch_sizes:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
         options = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                        pad_token_id=0, cache_implementation="dynamic")
-        seconds = median_seconds(lambda p=prompts, o=options: model.generate(p, **o),
-                                 args.repeats)
-        row[f"gen_b{batch}"] = batch * args.new_tokens / seconds
-    return row
+        print(f"{name} generate batch {batch} ...", flush=True)
+        def generate(m=model, p=prompts, o=options):
+            return m.generate(p, **o)
 
-
-def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    from flashattn_modules import patch_hf_model
-
-    model = build_model(name, device)
-    prompt_2k = torch.randint(0, model.config.vocab_size, (1, 2048), device=device)
-    with torch.no_grad():
-        reference = model(prompt_2k, use_cache=False).logits.float()  # SDPA
-    rows = []
-    for impl in args.impls:
-        print(f"{name} {impl} ...", flush=True)
-        if impl == "triton_fa":
-            with patch_hf_model(model):
-                row = measure(model, args, prompt_2k, reference)
-        else:
-            model.set_attn_implementation(impl)
-            row = measure(model, args, prompt_2k, reference)
-        rows.append({"model": name, "impl": impl, **row})
+        medians = interleaved_medians(model, args.impls, generate, args.repeats)
+        for impl, t in medians.items():
+            rows[impl][f"gen_b{batch}"] = batch * args.new_tokens / t
+    for row in rows.values():
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in rows[-1].items()), flush=True)
+                               for k, v in row.items()), flush=True)
     del model
     torch.cuda.empty_cache()
-    return rows
+    return list(rows.values())
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -134,7 +165,8 @@ def header(args: argparse.Namespace) -> str:
             f"{triton.__version__}, transformers {transformers.__version__}\n\n"
             f"GPT-2 (124M, fp16) and Llama 1.2B (GQA 32/8, bf16), random weights; prefill: "
             f"batch 1, no cache; generate: greedy, DynamicCache, {args.prompt_len}-token "
-            f"prompts, {args.new_tokens} new tokens; median of {args.repeats}.\n")
+            f"prompts, {args.new_tokens} new tokens; median of {args.repeats}, the "
+            f"implementations timed round-robin.\n")
 
 
 def main(argv: list[str] | None = None) -> None:

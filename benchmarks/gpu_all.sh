@@ -1,15 +1,46 @@
 #!/usr/bin/env bash
-# Everything the GPU has to show, in one device call: writes logs and RESULTS_part.md to $OUT.
+# Everything the GPU has to show, in one device call, on one GPU or split over two (lane 0:
+# the GPU tests, then bench_hf's Llama half; lane 1: bench_attention in both dtypes,
+# bench_features, bench_encoder, bench_hf's GPT-2 half). Writes to $OUT (default
+# /tmp/gpu_all): tests.log, lane0.log, lane1.log, RESULTS_lane0.md, RESULTS_lane1.md and the
+# two attention JSON files.
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_all}
 mkdir -p "$out"
+logs=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-python3 benchmarks/gpu_smoke.py > "$out/smoke.log" 2>&1
-echo "smoke: $(grep -c 'OK$' "$out/smoke.log") OK, $(grep -c 'FAIL' "$out/smoke.log") FAIL"; grep -v 'OK$' "$out/smoke.log" | tail -3
-PYTHONPATH=.:benchmarks python3 benchmarks/profile_hf.py launcher_calls 2>&1 | head -4
-python3 benchmarks/bench_features.py --out "$out/RESULTS_part.md" > "$out/features.log" 2>&1; grep -v Warning "$out/features.log" | tail -16
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/gpu_tests.log" 2>&1; tail -4 "$out/gpu_tests.log"
-timeout 240 python3 benchmarks/bench_attention.py --check --out "$out/RESULTS_part.md" > "$out/bench.log" 2>&1; grep '^|' "$out/bench.log" | tail -41 | cut -c1-400
-timeout 90 python3 benchmarks/bench_encoder.py --out "$out/RESULTS_part.md" 2>&1 | grep '^|' | tail -8
+gpus=$(nvidia-smi -L | wc -l)
+
+lane0() {
+    for f in features compile mha attention_modules hf; do
+        timeout -s INT "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+            "tests/test_$f.py" > "$logs/gpu_$f.log" 2>&1 &
+    done
+    wait
+    for f in "$logs"/gpu_*.log; do echo "== $f"; tail -15 "$f"; done > "$out/tests.log"
+    timeout 300 python3 benchmarks/bench_hf.py --models llama --out "$out/RESULTS_lane0.md"
+}
+
+lane1() {
+    for dtype in float16 bfloat16; do
+        short=$([ "$dtype" = float16 ] && echo fp16 || echo bf16)
+        timeout 240 python3 benchmarks/bench_attention.py --check --dtypes "$dtype" \
+            --out "$out/RESULTS_lane1.md" --json "$out/attention_${short}.json"
+    done
+    timeout 120 python3 benchmarks/bench_features.py --out "$out/RESULTS_lane1.md"
+    timeout 120 python3 benchmarks/bench_encoder.py --out "$out/RESULTS_lane1.md"
+    timeout 240 python3 benchmarks/bench_hf.py --models gpt2 --out "$out/RESULTS_lane1.md"
+}
+
+if [ "$gpus" -ge 2 ]; then
+    CUDA_VISIBLE_DEVICES=0 lane0 > "$out/lane0.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 lane1 > "$out/lane1.log" 2>&1 &
+    wait
+else
+    lane0 > "$out/lane0.log" 2>&1
+    lane1 > "$out/lane1.log" 2>&1
+fi
+grep -h "passed\|failed\|error" "$out/tests.log"
+grep -h '^|' "$out"/RESULTS_lane*.md | cut -c1-220
