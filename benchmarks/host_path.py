@@ -1,10 +1,13 @@
 """Python cost of one call on the way to a kernel launch, on the CPU (no GPU needed).
 
-The launch itself is stubbed out (``kernels._runtime.launch`` does nothing), so what is timed
-is validation, option handling, the selector, output allocation and building the kernel
-arguments: the part of an eager call's host cost that this package's Python decides. The
-GPU host adds Triton's C launcher and the CUDA caching allocator on top (see NOTES.md, "Host
-overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16).
+The launch itself is stubbed out (``kernels._runtime.launch`` only reports to a recording
+``kernels._plan.Recorder``, ``replay_launch`` does nothing), so what is timed is validation,
+option handling, the selector, output allocation and building the kernel arguments: the part
+of an eager call's host cost that this package's Python decides. Each case is timed twice:
+replaying its recorded launch plan (what every call after the first of a signature does) and
+through the general path (plans off). The GPU host adds Triton's C launcher, the general
+path's specialisation key of about 45 arguments and the CUDA caching allocator on top (see
+NOTES.md, "Host overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16).
 
     PYTHONPATH=. python benchmarks/host_path.py
 """
@@ -16,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import _launch, _runtime, flash_attention, flash_attention_v2
-from kernels.api import attention, check_qkv
+from kernels import _launch, _plan, _runtime, flash_attention, flash_attention_v2
+from kernels.api import attention
 
 
 def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> float:
@@ -33,8 +36,15 @@ def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> flo
     return best
 
 
+def _stub_launch(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
+    recorder = _plan.active_recorder()
+    if recorder is not None:
+        recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
+
+
 def main() -> None:
-    _runtime.launch = _launch.launch = lambda *args, **kwargs: None
+    _runtime.launch = _launch.launch = _stub_launch
+    _runtime.replay_launch = lambda step, device, args: None
     q = torch.randn(1, 12, 1, 64, dtype=torch.float16)
     k = torch.randn(1, 12, 300, 64, dtype=torch.float16)
     v = torch.randn_like(k)
@@ -42,8 +52,7 @@ def main() -> None:
 
     def patched_call() -> torch.Tensor:
         # what flashattn_modules.hf.triton_fa_attention does on CUDA tensors
-        check_qkv(q, k, v, "bhsd")
-        return attention(q, k, v, out_bshd=True, variant="auto", causal=False,
+        return attention(q, k, v, layout="bhsd", out_bshd=True, variant="auto", causal=False,
                          softmax_scale=0.125, return_lse=False, attn_mask=None,
                          window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
 
@@ -55,8 +64,13 @@ def main() -> None:
         "flash_attention_v2, return_lse=True": lambda: flash_attention_v2(q2, k2, v2,
                                                                            return_lse=True),
     }
+    signature = _plan.signature
     for name, fn in cases.items():
-        print(f"{name}: {best_us(fn):.1f} us", flush=True)
+        replayed = best_us(fn)
+        _plan.signature = lambda *args: None  # plans off: the general path every call
+        general = best_us(fn)
+        _plan.signature = signature
+        print(f"{name}: {replayed:.1f} us replayed, {general:.1f} us general path", flush=True)
 
 
 if __name__ == "__main__":

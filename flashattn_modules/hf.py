@@ -46,7 +46,6 @@ from typing import Any
 import torch
 
 from kernels.api import attention as kernel_attention
-from kernels.api import check_qkv
 
 from . import _dispatch
 
@@ -107,10 +106,10 @@ def triton_fa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                       else (sliding_window, sliding_window))
     softcap = kwargs.get("softcap") or 0.0
     if query.device.type == "cuda":
-        check_qkv(query, key, value, "bhsd")
         # BHSD in, the (B, Sq, H, D) output transformers wants written directly; "auto" is
         # BackendSelector's rule (kernels.selector.choose_variant)
-        out = kernel_attention(query, key, value, out_bshd=True, variant="auto", causal=causal,
+        out = kernel_attention(query, key, value, layout="bhsd", out_bshd=True, variant="auto",
+                               causal=causal,
                                softmax_scale=scaling, return_lse=False,
                                attn_mask=attention_mask, window_size=window, softcap=softcap,
                                alibi_slopes=None)

@@ -21,6 +21,8 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from . import _plan
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host tensor descriptors
@@ -99,20 +101,29 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
     the rest by name. CPU tensors go through the interpreter, one launch at a time. On CUDA,
     the compiled kernel is remembered per (kernel, device, constexprs, specialisation of every
     argument) and relaunched directly, skipping Triton's per-call argument binding, which
-    costs tens of microseconds: more than a decode step's whole GPU time.
+    costs tens of microseconds: more than a decode step's whole GPU time. The launch is
+    reported to this thread's active ``kernels._plan.Recorder``, if any.
     """
+    recorder = _plan.active_recorder()
     if device.type != "cuda":
         with _interpreter_lock:
             kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if recorder is not None:
+            recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
         return
     if device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+            launched = _launch_cuda(kernel, grid, device, args, constexprs, num_warps,
+                                    num_stages)
     else:
-        _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+        launched = _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+    if recorder is not None:
+        recorder.launches.append(launched)
 
 
-def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
+def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages):
+    """Launch on the current CUDA device; returns (compiled kernel, 3-D grid, full argument
+    list, {}, num_warps, num_stages) when the launch can be replayed directly, else None."""
     # The key holds, per argument, a superset of what Triton specialises on, computed inline
     # (this runs on every call): for ints their residue mod 16, whether they equal 1 and
     # their sign/width; for tensors their dtype and alignment.
@@ -121,30 +132,50 @@ def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages) 
                   else _specialization(a) for a in args])
     key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.values()), spec)
     entry = _compiled.get(key, False)
-    if entry is False:
+    launched = entry is False
+    if launched:
         compiled, num_stages = _compile_and_launch(kernel, grid, args, constexprs, num_warps,
                                                    num_stages)
         # Relaunch directly only where this triton exposes the compiled kernel's launcher.
         direct = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
-        if direct:
-            _compiled[key] = (compiled, kernel.arg_names[len(args):])
-        else:
-            _compiled[key] = (None, num_stages)
-    elif entry[0] is None:
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=entry[1])
+        entry = (compiled, kernel.arg_names[len(args):]) if direct else (None, num_stages)
+        _compiled[key] = entry
+    if entry[0] is None:
+        if not launched:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=entry[1])
+        return None
+    compiled, names = entry
+    grid3 = (*grid, *(1,) * (3 - len(grid)))
+    full_args = (*args, *[constexprs[name] for name in names])
+    if not launched:
+        run_compiled(compiled, grid3, full_args)
+    return compiled, grid3, full_args, {}, num_warps, num_stages
+
+
+def run_compiled(compiled, grid3: tuple[int, int, int], args: tuple | list) -> None:
+    """Launch a compiled kernel through its launcher on the current device and stream;
+    ``args`` are all its arguments, constexpr values included, in order."""
+    if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(
+            triton.knobs.runtime.launch_exit_hook):
+        # a profiler's hooks want their launch metadata: Triton's own runner builds it
+        compiled[grid3](*args)
+        return
+    driver = triton.runtime.driver.active
+    stream = driver.get_current_stream(driver.get_current_device())
+    compiled.run(grid3[0], grid3[1], grid3[2], stream, compiled.function,
+                 compiled.packed_metadata, None, None, None, *args)
+
+
+def replay_launch(step, device: torch.device, args: list) -> None:
+    """Launch one recorded ``kernels._plan.Step`` with this call's ``args``."""
+    if device.type != "cuda":
+        launch(step.runner, step.grid, device, tuple(args), step.constexprs, step.num_warps,
+               step.num_stages)
+    elif device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            run_compiled(step.runner, step.grid, args)
     else:
-        compiled, names = entry
-        if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(
-                triton.knobs.runtime.launch_exit_hook):
-            # a profiler's hooks want their launch metadata: Triton's own runner builds it
-            grid3 = (*grid, *(1,) * (3 - len(grid)))
-            compiled[grid3](*args, *[constexprs[name] for name in names])
-            return
-        driver = triton.runtime.driver.active
-        stream = driver.get_current_stream(driver.get_current_device())
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *[constexprs[name] for name in names])
+        run_compiled(step.runner, step.grid, args)
 
 
 def _hooked(hook: object) -> bool:

@@ -23,7 +23,7 @@ import functools
 import torch
 
 from . import _runtime
-from .api import attention, check_qkv
+from .api import attention
 
 DECODE_MAX_Q = 16
 DECODE_MIN_K = 1024
@@ -76,11 +76,8 @@ class SelectedKernel:
         layout = self.layout if layout is None else layout
         if layout not in ("bhsd", "bshd"):
             raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
-        check_qkv(q, k, v, layout)
-        bshd = layout == "bshd"
-        if bshd:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return attention(q, k, v, out_bshd=bshd, variant=self.variant, causal=causal,
+        return attention(q, k, v, layout=layout, out_bshd=layout == "bshd",
+                         variant=self.variant, causal=causal,
                          softmax_scale=softmax_scale, return_lse=return_lse,
                          attn_mask=attn_mask, window_size=window_size, softcap=softcap,
                          alibi_slopes=alibi_slopes)

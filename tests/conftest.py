@@ -39,6 +39,15 @@ def _fresh_seed(request):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_launch_plans(monkeypatch):
+    """Every test starts without recorded launch plans (``kernels._plan``), so that its first
+    call of a signature runs (and is seen by spies on) the general path."""
+    from kernels import _plan
+
+    monkeypatch.setattr(_plan, "_plans", {})
+
+
+@pytest.fixture(autouse=True)
 def _descriptors_at_test_sizes(request, monkeypatch):
     """GPU tests run small shapes, below the size from which the V2 kernel takes tensor
     descriptors (TMA) in production (``kernels._launch._TMA_MIN_SCORES``). They lower that

@@ -26,6 +26,7 @@ from tests.reference import (
     reference_varlen,
     rel_err,
 )
+from tests.test_kernels import spy_calls
 
 F32 = torch.float32
 TOL = TOLERANCE[F32]
@@ -40,16 +41,8 @@ def _triton_policy(monkeypatch):
 @pytest.fixture
 def calls(monkeypatch):
     """Names of the kernel entry points the modules call, in order."""
-    seen = []
-    for name in ("kernel_attention", "flash_attention_varlen"):
-        real = getattr(attention_module, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            seen.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(attention_module, name, spy)
-    return seen
+    return spy_calls(monkeypatch, attention_module,
+                     ("kernel_attention", "flash_attention_varlen"))
 
 
 def _slopes(heads: int) -> torch.Tensor:

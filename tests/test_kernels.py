@@ -37,6 +37,21 @@ def layout_of(api: str) -> str:
     return "bshd" if api == "bshd" else "bhsd"
 
 
+def spy_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Wrap ``module``'s functions ``names`` (for this test) so that each call appends its
+    name to the returned list, then runs the real function."""
+    seen: list[str] = []
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def make_qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype=F32, layout="bhsd",
              kv_heads=None, device="cpu", scale=1.0):
     kv_heads = heads if kv_heads is None else kv_heads

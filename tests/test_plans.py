@@ -1,0 +1,169 @@
+"""Launch plans (``kernels._plan``): the first mask-free eager call of a signature records its
+launches, later calls replay them. On the CPU the replayed launches run through the
+interpreter, so every check here compares real kernel outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels._launch as launch
+from kernels import _plan, flash_attention, flash_attention_v2
+from kernels.selector import SelectedKernel
+from tests.reference import TOLERANCE, assert_matches, reference_attention
+from tests.test_kernels import F16, F32, _strided, make_qkv, spy_calls
+
+# (name, layout, call) for every way a dense call reaches kernels.api.attention
+ENTRY_POINTS = [
+    ("v1", "bhsd", lambda q, k, v, **kw: flash_attention(q, k, v, variant="v1", **kw)),
+    ("v2", "bhsd", lambda q, k, v, **kw: flash_attention(q, k, v, variant="v2", **kw)),
+    ("auto", "bhsd", lambda q, k, v, **kw: flash_attention(q, k, v, variant="auto", **kw)),
+    ("bshd", "bshd", lambda q, k, v, **kw: flash_attention_v2(q, k, v, **kw)),
+    ("splitkv", "bhsd", lambda q, k, v, **kw: SelectedKernel("splitkv")(q, k, v, **kw)),
+]
+IDS = [name for name, _, _ in ENTRY_POINTS]
+
+
+def _forward_calls(monkeypatch) -> list[str]:
+    """Spy on the launchers of the general path; returns the list of their names called."""
+    return spy_calls(monkeypatch, launch, ("forward_v1", "forward_v2", "forward_splitkv"))
+
+
+@pytest.mark.parametrize("name, layout, run", ENTRY_POINTS, ids=IDS)
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
+def test_replay_equals_the_general_path(name, layout, run, return_lse, monkeypatch):
+    """The second call of a signature launches the recorded plan (no launcher runs) on its
+    own tensors, and gives bit for bit what the general path gives for them."""
+    calls = _forward_calls(monkeypatch)
+    options = dict(causal=True, window_size=(6, 0), softcap=3.0, softmax_scale=0.3,
+                   return_lse=return_lse)
+    q, k, v = make_qkv(2, 4, 3 if name == "splitkv" else 17, 40, 24, dtype=F16, layout=layout,
+                       kv_heads=2)
+    run(q, k, v, **options)
+    assert len(calls) == 1 and len(_plan._plans) == 1
+    assert isinstance(next(iter(_plan._plans.values())), _plan.Plan)
+    q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
+    replayed = run(q2, k2, v2, **options)
+    assert len(calls) == 1, "the second call did not replay"
+    monkeypatch.setattr(_plan, "signature", lambda *args: None)  # plans off
+    general = run(q2, k2, v2, **options)
+    assert len(calls) == 2
+    for got, want in zip(replayed if return_lse else (replayed,),
+                         general if return_lse else (general,), strict=True):
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(got, want)
+    ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True, window_size=(6, 0),
+                                 softcap=3.0, softmax_scale=0.3)
+    assert_matches(replayed[0] if return_lse else replayed, ref, TOLERANCE[F16])
+
+
+def test_a_plan_recorded_on_one_tensor_reads_three():
+    """Recorded with q = k = v (one tensor), replayed on three: each kernel argument takes
+    its own tensor (tensors are matched by position, never by data pointer)."""
+    x = torch.randn(1, 2, 16, 16, dtype=F16)
+    flash_attention(x, x, x, variant="v2")
+    q, k, v = (torch.randn_like(x) for _ in range(3))
+    out = flash_attention(q, k, v, variant="v2")
+    assert len(_plan._plans) == 1
+    ref, _ = reference_attention(q, k, v)
+    assert_matches(out, ref, TOLERANCE[F16])
+
+
+def test_replays_allocate_fresh_outputs():
+    q, k, v = make_qkv(1, 2, 9, 9, 16, dtype=F16)
+    first = flash_attention_v2(q, k, v, causal=True)
+    kept = first.clone()
+    second = flash_attention_v2(q * 2, k, v, causal=True)
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, kept)
+
+
+@pytest.mark.parametrize("change", ["causal", "scale", "window", "softcap", "lse", "strides",
+                                    "alignment", "heads", "variant", "layout"])
+def test_a_changed_signature_records_a_new_plan(change, monkeypatch):
+    """Each of these changes what the kernels must compute or read: a new plan, right
+    results."""
+    calls = _forward_calls(monkeypatch)
+    base = dict(causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                return_lse=False)
+    q, k, v = make_qkv(1, 4, 12, 20, 16, dtype=F16, kv_heads=2)
+    flash_attention(q, k, v, variant="v2", **base)
+    options, variant, layout = dict(base), "v2", "bhsd"
+    if change == "causal":
+        options["causal"] = True
+    elif change == "scale":
+        options["softmax_scale"] = 0.7
+    elif change == "window":
+        options["window_size"] = (3, 3)
+    elif change == "softcap":
+        options["softcap"] = 2.0
+    elif change == "lse":
+        options["return_lse"] = True
+    elif change == "strides":
+        q = _strided(tuple(q.shape), F16)
+    elif change == "alignment":  # a view 2 bytes into its storage
+        q = torch.randn(q.numel() + 1, dtype=F16)[1:].view(q.shape)
+    elif change == "heads":
+        k, v = (torch.randn(1, 4, 20, 16, dtype=F16) for _ in range(2))
+    elif change == "variant":
+        variant = "v1"
+    else:
+        layout = "bshd"
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    if layout == "bshd":
+        out = flash_attention_v2(q, k, v, **options)
+    else:
+        out = flash_attention(q, k, v, variant=variant, **options)
+    assert len(calls) == 2 and len(_plan._plans) == 2
+    ref, _ = reference_attention(q, k, v, layout=layout, causal=options["causal"],
+                                 softmax_scale=options["softmax_scale"],
+                                 window_size=options["window_size"], softcap=options["softcap"])
+    assert_matches(out[0] if options["return_lse"] else out, ref, TOLERANCE[F16])
+
+
+def test_calls_with_masks_slopes_or_gradients_take_the_general_path(monkeypatch):
+    calls = _forward_calls(monkeypatch)
+    q, k, v = make_qkv(1, 2, 8, 8, 16, dtype=F32)
+    keep = torch.rand(8, 8) > 0.3
+    slopes = torch.rand(2)
+    for _ in range(2):
+        flash_attention(q, k, v, variant="v2", attn_mask=keep)
+        flash_attention(q, k, v, variant="v2", alibi_slopes=slopes)
+        flash_attention(q.requires_grad_(), k, v, variant="v2").sum().backward()
+        q = q.detach()
+    assert len(calls) == 6 and not _plan._plans
+    bf16 = [x.bfloat16() for x in (q, k, v)]  # computed in float32 on the CPU
+    flash_attention(*bf16, variant="v2")
+    assert not _plan._plans
+
+
+def test_an_empty_call_is_never_replayed(monkeypatch):
+    q, k, v = make_qkv(1, 2, 4, 0, 16, dtype=F16)
+    for _ in range(2):
+        out = flash_attention(q, k, v, variant="v2")
+        assert torch.equal(out, torch.zeros_like(out))
+    assert list(_plan._plans.values()) == [_plan.NOT_REPLAYABLE]
+
+
+def test_invalid_calls_are_still_rejected_after_a_plan():
+    """Inputs and options of other types than the recorded ones never share its key, so the
+    checks of the general path still see them."""
+    q, k, v = make_qkv(1, 2, 8, 8, 16, dtype=F16)
+    flash_attention(q, k, v, variant="v2", causal=True, softmax_scale=1.0)
+    with pytest.raises(TypeError, match="causal"):
+        flash_attention(q, k, v, variant="v2", causal=1, softmax_scale=1.0)
+    with pytest.raises(TypeError, match="softmax_scale"):
+        flash_attention(q, k, v, variant="v2", causal=True, softmax_scale=True)
+    with pytest.raises(TypeError, match="k has dtype"):
+        flash_attention(q, k.float(), v, variant="v2", causal=True, softmax_scale=1.0)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        flash_attention(q.numpy(), k, v, variant="v2", causal=True, softmax_scale=1.0)
+    with pytest.raises(ValueError, match="variant"):
+        flash_attention(q, k, v, variant="v3", causal=True, softmax_scale=1.0)
+
+
+def test_the_plan_store_is_bounded(monkeypatch):
+    monkeypatch.setattr(_plan, "_MAX_PLANS", 2)
+    for sk in (5, 6, 7):
+        q, k, v = make_qkv(1, 1, 3, sk, 16, dtype=F16)
+        flash_attention(q, k, v, variant="v2")
+    assert 1 <= len(_plan._plans) <= 2
