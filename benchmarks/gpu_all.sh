@@ -14,7 +14,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 gpus=$(nvidia-smi -L | wc -l)
 
 lane0() {
-    for f in features compile mha attention_modules hf; do
+    for f in features compile mha attention_modules hf plans; do
         timeout -s INT "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider \
             "tests/test_$f.py" > "$logs/gpu_$f.log" 2>&1 &
     done

@@ -167,3 +167,23 @@ def test_the_plan_store_is_bounded(monkeypatch):
         q, k, v = make_qkv(1, 1, 3, sk, 16, dtype=F16)
         flash_attention(q, k, v, variant="v2")
     assert 1 <= len(_plan._plans) <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, layout, run", ENTRY_POINTS, ids=IDS)
+def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_device):
+    """On CUDA a replay calls the compiled kernels' launchers directly (split-KV: two
+    launches sharing their workspace; V1: its float32 workspace)."""
+    calls = _forward_calls(monkeypatch)
+    sq, sk = (1, 3000) if name in ("splitkv", "auto") else (100, 300)
+    q, k, v = make_qkv(2, 8, sq, sk, 128, dtype=torch.bfloat16, layout=layout, kv_heads=2,
+                       device=gpu_device)
+    run(q, k, v, causal=True, return_lse=True)
+    q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
+    out, lse = run(q2, k2, v2, causal=True, return_lse=True)
+    assert len(calls) == 1, "the second call did not replay"
+    monkeypatch.setattr(_plan, "signature", lambda *args: None)
+    want_out, want_lse = run(q2, k2, v2, causal=True, return_lse=True)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True)
+    assert_matches(out, ref, 1e-2)
