@@ -39,36 +39,40 @@ _modules: dict[tuple[str, str], ModuleType] = {}
 
 
 def kernel_module(name: str, device: torch.device) -> ModuleType:
-    """The module ``kernels/_triton/<name>.py`` built for ``device`` (compiled or interpreted)."""
+    """The module ``kernels/_triton/<name>.py`` built for ``device`` (compiled or interpreted).
+    First imports are serialised: the interpreter knob they set is process-wide, and another
+    thread must not see a module before its import has finished."""
     module = _modules.get((name, device.type))
     if module is None:
-        if device.type == "cuda":
-            module = importlib.import_module(f"{_COMPILED}.{name}")
-        elif device.type == "cpu":
-            module = _interpreted_module(name)
-        else:
+        if device.type not in ("cuda", "cpu"):
             raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
+        with _import_lock:
+            if device.type == "cuda":
+                module = importlib.import_module(f"{_COMPILED}.{name}")
+            else:
+                module = _interpreted_module(name)
         _modules[(name, device.type)] = module
     return module
 
 
 def _interpreted_module(name: str) -> ModuleType:
+    """Import ``kernels/_triton/<name>.py`` with the interpreter knob on (``_import_lock``
+    held)."""
     full_name = f"{_INTERPRETED}.{name}"
     module = sys.modules.get(full_name)
     if module is not None:
         return module
-    with _import_lock:
-        if _INTERPRETED not in sys.modules:
-            compiled = importlib.import_module(_COMPILED)
-            package = types.ModuleType(_INTERPRETED, compiled.__doc__)
-            package.__path__ = list(compiled.__path__)
-            sys.modules[_INTERPRETED] = package
-        previous = triton.knobs.runtime.interpret
-        triton.knobs.runtime.interpret = True
-        try:
-            return importlib.import_module(full_name)
-        finally:
-            triton.knobs.runtime.interpret = previous
+    if _INTERPRETED not in sys.modules:
+        compiled = importlib.import_module(_COMPILED)
+        package = types.ModuleType(_INTERPRETED, compiled.__doc__)
+        package.__path__ = list(compiled.__path__)
+        sys.modules[_INTERPRETED] = package
+    previous = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = True
+    try:
+        return importlib.import_module(full_name)
+    finally:
+        triton.knobs.runtime.interpret = previous
 
 
 def _specialization(value: object) -> object:

@@ -187,3 +187,37 @@ def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True)
     assert_matches(out, ref, 1e-2)
+
+
+def test_threads_record_and_replay_their_own_calls(monkeypatch):
+    """Recording is per thread: threads calling the same and different signatures at once
+    each get their own right answers; they also race on the first import of the interpreted
+    kernels, which starts afresh here."""
+    import sys
+    import threading
+
+    from kernels import _runtime
+
+    monkeypatch.setattr(_runtime, "_modules", {})
+    for name in [n for n in sys.modules if n.startswith("kernels._triton_interpreted")]:
+        monkeypatch.delitem(sys.modules, name)
+    inputs = [make_qkv(1, 2, sq, 12, 16, dtype=F16) for sq in (5, 5, 9, 9, 5, 9)]
+    results: dict[int, list[torch.Tensor]] = {}
+    start = threading.Barrier(len(inputs))
+
+    def work(index: int) -> None:
+        q, k, v = inputs[index]
+        start.wait()
+        results[index] = [flash_attention(q, k, v, variant="v2", causal=True)
+                          for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(_plan._plans) == 2
+    for index, (q, k, v) in enumerate(inputs):
+        ref, _ = reference_attention(q, k, v, causal=True)
+        for out in results[index]:
+            assert_matches(out, ref, TOLERANCE[F16])
