@@ -12,8 +12,8 @@ workspace, put their tensors into the recorded argument lists, and launch.
 
 Only mask-free, ALiBi-free eager calls that need no gradient take this path (masks and slopes
 are tensors whose values and strides would join the key; autograd and torch.compile have
-their own paths); so do neither float32 on the GPU (its dot precision follows a global torch
-setting) nor bfloat16 on the CPU (computed in float32 there). A call whose launches cannot be
+their own paths), and neither float32 on the GPU (its dot precision follows a global torch
+setting) nor bfloat16 on the CPU (computed in float32 there) does. A call whose launches cannot be
 replayed (tensor descriptors, which hold their tensor; a triton without a direct launcher;
 no launch at all for empty inputs) is marked so and always runs the general path.
 
@@ -150,7 +150,7 @@ def store(key: tuple, recorder: Recorder, q: torch.Tensor, k: torch.Tensor, v: t
                     _plans[key] = NOT_REPLAYABLE
                     return
                 if id(arg) not in workspace:
-                    workspace[id(arg)] = 5 + len(shapes)
+                    workspace[id(arg)] = _LSE + 1 + len(shapes)
                     shapes.append((tuple(arg.shape), arg.dtype))
                 slot = workspace[id(arg)]
             slots.append((position, slot))

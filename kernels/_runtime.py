@@ -115,12 +115,8 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
         if recorder is not None:
             recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
         return
-    if device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            launched = _launch_cuda(kernel, grid, device, args, constexprs, num_warps,
-                                    num_stages)
-    else:
-        launched = _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages)
+    launched = _on_device(device, _launch_cuda, kernel, grid, device, args, constexprs,
+                          num_warps, num_stages)
     if recorder is not None:
         recorder.launches.append(launched)
 
@@ -175,11 +171,16 @@ def replay_launch(step, device: torch.device, args: list) -> None:
     if device.type != "cuda":
         launch(step.runner, step.grid, device, tuple(args), step.constexprs, step.num_warps,
                step.num_stages)
-    elif device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            run_compiled(step.runner, step.grid, args)
     else:
-        run_compiled(step.runner, step.grid, args)
+        _on_device(device, run_compiled, step.runner, step.grid, args)
+
+
+def _on_device(device: torch.device, fn, *args):
+    """``fn(*args)`` with ``device`` (a CUDA device) current: the inputs' device, cuda:1 too."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return fn(*args)
+    return fn(*args)
 
 
 def _hooked(hook: object) -> bool:
