@@ -7,7 +7,8 @@ of an eager call's host cost that this package's Python decides. Each case is ti
 replaying its recorded launch plan (what every call after the first of a signature does) and
 through the general path (plans off). The GPU host adds Triton's C launcher, the general
 path's specialisation key of about 45 arguments and the CUDA caching allocator on top (see
-NOTES.md, "Host overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16).
+NOTES.md, "Host overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16), also on
+a cache that grows by one key per call (one growing-cache plan family per specialisation).
 
     PYTHONPATH=. python benchmarks/host_path.py
 """
@@ -39,7 +40,9 @@ def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> flo
 def _stub_launch(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
     recorder = _plan.active_recorder()
     if recorder is not None:
-        recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
+        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages))
+        if not recorder.dry:
+            recorder.launches.append(recorder.calls[-1])
 
 
 def main() -> None:
@@ -56,8 +59,19 @@ def main() -> None:
                          softmax_scale=0.125, return_lse=False, attn_mask=None,
                          window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
 
+    caches = [(torch.randn(1, 12, sk, 64, dtype=torch.float16),) * 2 for sk in range(257, 512)]
+    step = iter(range(1 << 62))
+
+    def growing_call() -> torch.Tensor:
+        # a decode step on a DynamicCache: one key more than the last call's (cycling)
+        k_n, v_n = caches[next(step) % len(caches)]
+        return attention(q, k_n, v_n, layout="bhsd", out_bshd=True, variant="auto",
+                         causal=False, softmax_scale=0.125, return_lse=False, attn_mask=None,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+
     cases = {
         "Hugging Face attention call (BHSD in, BSHD out)": patched_call,
+        "the same, cache growing by one key per call (Sk 257-511)": growing_call,
         'flash_attention(variant="v2")': lambda: flash_attention(q, k, v, variant="v2"),
         'flash_attention(variant="auto")': lambda: flash_attention(q, k, v, variant="auto"),
         "flash_attention_v2 (BSHD)": lambda: flash_attention_v2(q2, k2, v2),
@@ -67,7 +81,7 @@ def main() -> None:
     signature = _plan.signature
     for name, fn in cases.items():
         replayed = best_us(fn)
-        _plan.signature = lambda *args: None  # plans off: the general path every call
+        _plan.signature = lambda *args, **kw: None  # plans off: the general path every call
         general = best_us(fn)
         _plan.signature = signature
         print(f"{name}: {replayed:.1f} us replayed, {general:.1f} us general path", flush=True)

@@ -17,19 +17,39 @@ setting) nor bfloat16 on the CPU (computed in float32 there) does. A call whose 
 replayed (tensor descriptors, which hold their tensor; a triton without a direct launcher;
 no launch at all for empty inputs) is marked so and always runs the general path.
 
-Plans are kept per process in a dict bounded by ``_MAX_PLANS`` (cleared when full: a growing
-KV cache makes a new signature per decode step). Recording is per thread.
+**Growing caches.** A decode step's K/V cache is one key longer at every step (transformers'
+DynamicCache concatenates), so an exact signature would never repeat. Calls with at most
+``FAMILY_MAX_Q`` query rows and contiguous k and v therefore share the plan of their *family*:
+the signature without the key length, keyed instead by the key length's power-of-two bucket
+(the selector's decode threshold, 1024, is a bucket edge) and by what Triton specialises on
+in the key length and the k/v strides (divisibility by 16, equality to 1: the bucket of 1,
+32-bit range): at most five families per bucket, by gcd(key length, 16). The
+kernel arguments that depend on the key length are found by recording the call a second time,
+without launching, on a longer probe cache: every integer argument that differs must be the
+key length or a k/v stride (then it is read from the call's k or v on replay), and nothing else
+(grid, constexprs, workspace, other arguments) may differ. Only the V1 and V2 kernels qualify,
+whose arguments are those values themselves; the split-KV kernel's split lengths are step
+functions of the key length. A family that does not qualify is marked ``NOT_A_FAMILY`` and
+its calls use exact signatures.
+
+Plans are kept per process in a dict bounded by ``_MAX_PLANS`` (cleared when full). Recording
+is per thread.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple
 
 import torch
 
 _MAX_PLANS = 4096
+FAMILY_MAX_Q = 16  # query rows up to which calls on contiguous K/V share a growing-cache plan
+_FAMILY_VARIANTS = ("v1", "v2")
 NOT_REPLAYABLE = object()  # a signature whose calls always take the general path
+NOT_A_FAMILY = object()  # a family key whose calls use exact signatures
+_FAMILY = "family"  # marks a family key (after the common part of every key)
 _plans: dict[tuple, object] = {}
 _recording = threading.local()
 
@@ -41,7 +61,9 @@ class Step(NamedTuple):
     """One recorded launch. ``args`` holds its arguments with the call's tensors left as
     None at ``slots`` (position, tensor slot). CUDA: ``runner`` is a compiled kernel, ``grid``
     three-dimensional and ``args`` ends with the constexpr values. CPU: ``runner`` is the jit
-    function, launched through the interpreter with ``constexprs``."""
+    function, launched through the interpreter with ``constexprs``. ``sizes`` (family plans):
+    (position, i) of the integers read from the call's k as ``(*k.shape, *k.stride())[i]``
+    (caller's layout; a family's v has k's shape and strides)."""
 
     runner: object
     grid: tuple[int, ...]
@@ -50,6 +72,7 @@ class Step(NamedTuple):
     constexprs: dict
     num_warps: int
     num_stages: int
+    sizes: tuple[tuple[int, int], ...] = ()
 
 
 class Plan(NamedTuple):
@@ -63,12 +86,13 @@ class Plan(NamedTuple):
 
 def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, variant: str,
               causal: object, softmax_scale: object, return_lse: bool, window_size: object,
-              softcap: object) -> tuple | None:
+              softcap: object, exact: bool = False) -> tuple | None:
     """The plan key of a call of ``kernels.api.attention`` without mask and ALiBi slopes (q,
     k, v as the caller passed them, not yet validated), or None when the call must take the
     general path. Inputs of other types than the common ones (plain tensors; bool, float or
     None, tuple, float options) take it too, so that its checks still reject what they reject
-    (``1 == True`` would otherwise share a key)."""
+    (``1 == True`` would otherwise share a key). A call that may share a growing-cache plan
+    gets its family key unless ``exact``."""
     if torch.compiler.is_compiling():
         return None
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
@@ -82,10 +106,41 @@ def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, vari
     dtype, device = q.dtype, q.device
     if dtype is (torch.float32 if device.type == "cuda" else torch.bfloat16):
         return None
-    return (layout, out_bshd, variant, return_lse, causal, softmax_scale, window_size, softcap,
-            dtype, k.dtype, v.dtype, device, k.device, v.device, q.shape, q.stride(),
-            k.shape, k.stride(), v.shape, v.stride(), q.data_ptr() & 15, k.data_ptr() & 15,
-            v.data_ptr() & 15)
+    common = (layout, out_bshd, variant, return_lse, causal, softmax_scale, window_size,
+              softcap, dtype, k.dtype, v.dtype, device, k.device, v.device, q.shape, q.stride(),
+              q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15)
+    shape = k.shape
+    if (not exact and len(shape) == 4 and q.dim() == 4 and v.shape == shape
+            and k.is_contiguous() and v.is_contiguous()):
+        batch, dim1, dim2, head_dim = shape
+        if layout == "bshd":
+            rows, keys, heads = q.shape[1], dim1, dim2
+        else:
+            rows, keys, heads = q.shape[2], dim2, dim1
+        if rows <= FAMILY_MAX_Q:
+            # The k/v strides of a contiguous cache are c * keys: whether Triton sees them (and
+            # keys) divisible by 16 follows from gcd(keys, 16); 32-bit range from the largest.
+            return common + (_FAMILY, batch, heads, head_dim, keys.bit_length(),
+                             math.gcd(keys, 16), k.stride(0) >> 31)
+    return common + (shape, k.stride(), v.shape, v.stride())
+
+
+def is_family(key: tuple) -> bool:
+    """Whether ``key`` (from ``signature``) is a family key."""
+    return key[_FAMILY_AT] is _FAMILY
+
+
+_FAMILY_AT = 19  # len(common) in ``signature``
+
+
+def probe_cache(k: torch.Tensor, v: torch.Tensor, layout: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous k and v (caller's layout) of the same family as ``k`` and ``v``, 16 keys
+    longer, for the dry recording that finds the key-length arguments (never read)."""
+    seq = 1 if layout == "bshd" else 2
+    shape = list(k.shape)
+    shape[seq] += 16
+    return k.new_empty(shape), v.new_empty(shape)
 
 
 def lookup(key: tuple) -> Plan | None | object:
@@ -95,10 +150,17 @@ def lookup(key: tuple) -> Plan | None | object:
 
 class Recorder:
     """Collects the launches of one general-path call (``with Recorder() as rec:``);
-    ``kernels._runtime.launch`` reports to the active recorder of its thread."""
+    ``kernels._runtime.launch`` reports to the active recorder of its thread: in ``launches``
+    what a replay needs (None where it cannot replay), in ``calls`` each launch as the
+    launcher asked for it (kernel, grid, args, constexprs, num_warps, num_stages). A ``dry``
+    recorder's launches are recorded in ``calls`` only, never run. ``variant`` is the
+    kernel variant the general path ran."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry: bool = False) -> None:
+        self.dry = dry
         self.launches: list[tuple | None] = []
+        self.calls: list[tuple] = []
+        self.variant = ""
 
     def __enter__(self) -> Recorder:
         self._outer = getattr(_recording, "active", None)
@@ -114,26 +176,37 @@ def active_recorder() -> Recorder | None:
     return getattr(_recording, "active", None)
 
 
-def store(key: tuple, recorder: Recorder, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-          out: torch.Tensor, lse: torch.Tensor | None) -> None:
-    """Turn what ``recorder`` saw during a call on distinct q, k, v objects (views made for
-    the recording, so that identity tells them apart even when the caller passed one tensor
-    three times) into the plan of ``key``. Tensor arguments are matched by identity to q, k
-    and v, by data pointer to the fresh outputs; any other tensor is workspace that the
-    general path allocated, allocated again (same shape and dtype, contiguous) on replay."""
+class Call(NamedTuple):
+    """What one general-path call ran on: the views its launchers saw (q, k, v: distinct
+    objects, made for the recording, so that identity tells them apart even when the caller
+    passed one tensor three times), its outputs, and the caller's k and v."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor | None
+    k_in: torch.Tensor
+    v_in: torch.Tensor
+
+
+def store(key: tuple, recorder: Recorder, call: Call,
+          probe: tuple[Recorder, Call] | None = None, exact_key: tuple | None = None) -> None:
+    """Turn what ``recorder`` saw during ``call`` into the plan of ``key``. Tensor arguments
+    are matched by identity to q, k and v, by data pointer to the fresh outputs; any other
+    tensor is workspace that the general path allocated, allocated again (same shape and
+    dtype, contiguous) on replay. For a family ``key``, ``probe`` is the dry recording of the
+    same call on a longer cache; a call that does not qualify marks the family
+    ``NOT_A_FAMILY`` and is stored under ``exact_key``."""
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
     launches = recorder.launches
     if not launches or any(entry is None for entry in launches):
         _plans[key] = NOT_REPLAYABLE
         return
-    io = {id(q): _Q, id(k): _K, id(v): _V}
-    pointers = {out.data_ptr(): _OUT}
-    if lse is not None:
-        pointers[lse.data_ptr()] = _LSE
-    workspace: dict[int, int] = {}
+    steps: list[Step] = []
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
-    steps = []
+    slot_of = _slot_finder(call, shapes)
     for runner, grid, args, constexprs, num_warps, num_stages in launches:
         slots, template = [], list(args)
         for position, arg in enumerate(args):
@@ -142,31 +215,93 @@ def store(key: tuple, recorder: Recorder, q: torch.Tensor, k: torch.Tensor, v: t
                     _plans[key] = NOT_REPLAYABLE  # e.g. a tensor descriptor
                     return
                 continue
-            slot = io.get(id(arg))
+            slot = slot_of(arg)
             if slot is None:
-                slot = pointers.get(arg.data_ptr())
-            if slot is None:
-                if not arg.is_contiguous():
-                    _plans[key] = NOT_REPLAYABLE
-                    return
-                if id(arg) not in workspace:
-                    workspace[id(arg)] = _LSE + 1 + len(shapes)
-                    shapes.append((tuple(arg.shape), arg.dtype))
-                slot = workspace[id(arg)]
+                _plans[key] = NOT_REPLAYABLE
+                return
             slots.append((position, slot))
             template[position] = None
         steps.append(Step(runner, grid, tuple(template), tuple(slots), constexprs, num_warps,
                           num_stages))
-    _plans[key] = Plan(tuple(out.shape), None if lse is None else tuple(lse.shape),
-                       tuple(shapes), tuple(steps))
+    plan = Plan(tuple(call.out.shape), None if call.lse is None else tuple(call.lse.shape),
+                tuple(shapes), tuple(steps))
+    if probe is not None:
+        family = _family_plan(plan, recorder, call, *probe)
+        if family is None:
+            _plans[key] = NOT_A_FAMILY
+            key = exact_key
+        else:
+            plan = family
+    _plans[key] = plan
 
 
-def replay(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+def _slot_finder(call: Call, shapes: list[tuple[tuple[int, ...], torch.dtype]]):
+    """A function from a tensor argument of ``call``'s launches to its plan slot (None: not
+    replayable); new workspace shapes are appended to ``shapes``."""
+    io = {id(call.q): _Q, id(call.k): _K, id(call.v): _V}
+    pointers = {call.out.data_ptr(): _OUT}
+    if call.lse is not None:
+        pointers[call.lse.data_ptr()] = _LSE
+    workspace: dict[int, int] = {}
+
+    def slot_of(arg: torch.Tensor) -> int | None:
+        slot = io.get(id(arg))
+        if slot is None:
+            slot = pointers.get(arg.data_ptr())
+        if slot is None:
+            if not arg.is_contiguous():
+                return None
+            if id(arg) not in workspace:
+                workspace[id(arg)] = _LSE + 1 + len(shapes)
+                shapes.append((tuple(arg.shape), arg.dtype))
+            slot = workspace[id(arg)]
+        return slot
+
+    return slot_of
+
+
+def _family_plan(plan: Plan, recorder: Recorder, call: Call, probe: Recorder,
+                 probe_call: Call) -> Plan | None:
+    """``plan`` with its key-length arguments read from each call's k, or None when
+    the recorded call does not qualify (see the module docstring)."""
+    if recorder.variant not in _FAMILY_VARIANTS or len(probe.calls) != len(recorder.calls):
+        return None
+    probe_shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
+    probe_slot = _slot_finder(probe_call, probe_shapes)
+    ints = (*call.k_in.shape, *call.k_in.stride())
+    probe_ints = (*probe_call.k_in.shape, *probe_call.k_in.stride())
+
+    steps = []
+    for step, seen, probed in zip(plan.steps, recorder.calls, probe.calls, strict=True):
+        kernel, grid, args, constexprs, num_warps, num_stages = seen
+        if (probed[0] is not kernel or probed[1] != grid or probed[3] != constexprs
+                or probed[4:] != (num_warps, num_stages) or len(probed[2]) != len(args)):
+            return None
+        sizes = []
+        for position, (arg, other) in enumerate(zip(args, probed[2], strict=True)):
+            if isinstance(arg, torch.Tensor):
+                if not isinstance(other, torch.Tensor) or probe_slot(other) != dict(
+                        step.slots)[position]:
+                    return None
+            elif type(arg) is int and type(other) is int and arg != other:
+                found = [i for i, (a, b) in enumerate(zip(ints, probe_ints, strict=True))
+                         if (a, b) == (arg, other)]
+                if not found:
+                    return None
+                sizes.append((position, found[0]))
+            elif type(arg) is not type(other) or arg != other:
+                return None
+        steps.append(step._replace(sizes=tuple(sizes)))
+    if probe_shapes != list(plan.workspace):
+        return None
+    return plan._replace(steps=tuple(steps))
+
+
+def replay(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_step
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``plan`` on a call's q, k, v (same signature as the recorded call): allocate the
-    output (and lse, workspace), launch every step. Returns (out, lse or None)."""
-    from . import _runtime
-
+    output (and lse, workspace), launch every step with ``launch_step(step, device, args)``
+    (``kernels._runtime.replay_launch``). Returns (out, lse or None)."""
     device = q.device
     out = torch.empty(plan.out_shape, device=device, dtype=q.dtype)
     lse = (None if plan.lse_shape is None
@@ -178,5 +313,9 @@ def replay(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         args = list(step.args)
         for position, slot in step.slots:
             args[position] = tensors[slot]
-        _runtime.replay_launch(step, device, args)
+        if step.sizes:
+            ints = (*k.shape, *k.stride())
+            for position, i in step.sizes:
+                args[position] = ints[i]
+        launch_step(step, device, args)
     return out, lse

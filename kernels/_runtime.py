@@ -106,9 +106,14 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
     the compiled kernel is remembered per (kernel, device, constexprs, specialisation of every
     argument) and relaunched directly, skipping Triton's per-call argument binding, which
     costs tens of microseconds: more than a decode step's whole GPU time. The launch is
-    reported to this thread's active ``kernels._plan.Recorder``, if any.
+    reported to this thread's active ``kernels._plan.Recorder``, if any (a dry one only
+    records it).
     """
     recorder = _plan.active_recorder()
+    if recorder is not None:
+        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages))
+        if recorder.dry:
+            return
     if device.type != "cuda":
         with _interpreter_lock:
             kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)

@@ -13,7 +13,7 @@ from typing import Literal, overload
 
 import torch
 
-from . import _launch, _plan
+from . import _launch, _plan, _runtime
 from ._launch import ScoreArgs
 from .torch_attention import attention_backward
 
@@ -315,31 +315,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     the checks, the selector and the launchers read."""
     key = None
     if attn_mask is None and alibi_slopes is None:
-        key = _plan.signature(q, k, v, layout, out_bshd, variant, causal, softmax_scale,
-                              return_lse, window_size, softcap)
+        options = (layout, out_bshd, variant, causal, softmax_scale, return_lse, window_size,
+                   softcap)
+        key = _plan.signature(q, k, v, *options)
         if key is not None:
             plan = _plan.lookup(key)
+            if plan is _plan.NOT_A_FAMILY:
+                key = _plan.signature(q, k, v, *options, exact=True)
+                plan = _plan.lookup(key)
             if plan is not None:
                 if plan is _plan.NOT_REPLAYABLE:
                     key = None
                 else:
-                    out, lse = _plan.replay(plan, q, k, v)
+                    out, lse = _plan.replay(plan, q, k, v, _runtime.replay_launch)
                     return (out, lse) if return_lse else out
     check_qkv(q, k, v, layout)
-    # (B, H, S, D) views, new objects even for a caller's BHSD tensors: a recording tells q,
-    # k and v apart by identity, also when one tensor was passed for all three
+    q_in, k_in, v_in = q, k, v
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    elif key is not None:
+    elif key is not None:  # new objects: a recording tells q, k and v apart by identity,
+        # also when the caller passed one tensor for all three
         q, k, v = q.view(q.shape), k.view(k.shape), v.view(v.shape)
     if key is None:
         out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
                             attn_mask, window_size, softcap, alibi_slopes)
-    else:  # first call of this signature
-        with _plan.Recorder() as recorder:
-            out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
-                                None, window_size, softcap, None)
-        _plan.store(key, recorder, q, k, v, out, lse)
+        return (out, lse) if return_lse else out
+    # first call of this signature: record it (and, for a growing-cache family, record it
+    # again without launching on a longer cache)
+    with _plan.Recorder() as recorder:
+        out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
+                            None, window_size, softcap, None)
+    call = _plan.Call(q, k, v, out, lse, k_in, v_in)
+    probe = exact_key = None
+    if _plan.is_family(key):
+        k_probe, v_probe = _plan.probe_cache(k_in, v_in, layout)
+        kp, vp = ((x.transpose(1, 2) if layout == "bshd" else x) for x in (k_probe, v_probe))
+        with _plan.Recorder(dry=True) as dry:
+            probe_out, probe_lse = _general(q, kp, vp, out_bshd, variant, causal,
+                                            softmax_scale, return_lse, None, window_size,
+                                            softcap, None)
+        probe = dry, _plan.Call(q, kp, vp, probe_out, probe_lse, k_probe, v_probe)
+        exact_key = _plan.signature(q_in, k_in, v_in, *options, exact=True)
+    _plan.store(key, recorder, call, probe, exact_key)
     return (out, lse) if return_lse else out
 
 
@@ -353,6 +370,9 @@ def _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse, attn
         variant = choose_variant(q.device, batch=q.shape[0], heads=q.shape[1],
                                  seq_len=q.shape[2], seq_len_k=k.shape[2], head_dim=q.shape[3],
                                  kv_heads=k.shape[1], dtype=q.dtype, causal=causal)
+    recorder = _plan.active_recorder()
+    if recorder is not None:
+        recorder.variant = variant
     return _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, out_bshd, variant,
                  causal, args.sm_scale, args.window_left, args.window_right, args.softcap,
                  return_lse=return_lse)

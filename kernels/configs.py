@@ -1,9 +1,10 @@
-"""Tile configurations per device, head_dim, dtype and causal flag.
+"""Tile configurations per device, head_dim, dtype, causal flag and (V2) grid size.
 
 CPU tensors run through Triton's interpreter, where one small configuration is used (no
 autotuning: every program runs one after another). CUDA configurations come from the table
-below, measured on an H100 (see benchmarks/NOTES.md); other GPUs use the same table, whose
-tiles fit the shared memory of Ampere and newer.
+below, measured on an H100, and the small-grid rule for causal V2, measured on an H200 (see
+benchmarks/NOTES.md); other GPUs use the same rules, whose tiles fit the shared memory of
+Ampere and newer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ._runtime import multiprocessors
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,30 @@ for _causal in (False, True):
     ]
 
 
+# Causal fp16/bf16 V2 at head_dim <= 64 on small grids (batch-1 prefill of GPT-2 or Llama):
+# (programs of 128 query rows per multiprocessor below the bound, config). 128-row blocks
+# leave the causal triangle in a few large, unequal programs; 64-row blocks balance it.
+# H200 sweep of 2026-11-30 against the table's (128, 128, 4, 3), as a fraction of cuDNN:
+# B1 H12 S2k 0.64 -> 0.91 (64x64), B1 H32/8 S2k 0.68 -> 0.87 (64x64), B1 H12 S8k 0.90 ->
+# 0.99 (64x128), B1 H32/8 S8k 0.94 -> 0.96 (64x128); from 16 programs per multiprocessor
+# (B4 H32 S8k: 62) the table's tile was best (benchmarks/NOTES.md).
+_SMALL_CAUSAL_GRID = [(4, TileConfig(64, 64, 4, 3)), (16, TileConfig(64, 128, 4, 3))]
+
+
 def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.dtype,
-                causal: bool) -> TileConfig:
-    """The tile configuration a kernel launch uses."""
+                causal: bool, blocks_128: int = 0) -> TileConfig:
+    """The tile configuration a kernel launch uses. ``blocks_128``: for V2, the number of
+    programs a grid of 128-row query blocks would have (batch * heads * blocks per
+    sequence); 0 when unknown."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    rows = _CUDA_TABLE[(variant, dtype == torch.float32, causal)]
+    fp32 = dtype == torch.float32
+    if variant == "v2" and causal and not fp32 and head_dim <= 64 and blocks_128:
+        per_multiprocessor = blocks_128 / multiprocessors(device)
+        for bound, cfg in _SMALL_CAUSAL_GRID:
+            if per_multiprocessor < bound:
+                return cfg
+    rows = _CUDA_TABLE[(variant, fp32, causal)]
     for bound, cfg in rows:
         if head_dim <= bound:
             return cfg

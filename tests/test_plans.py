@@ -40,14 +40,18 @@ def test_replay_equals_the_general_path(name, layout, run, return_lse, monkeypat
     q, k, v = make_qkv(2, 4, 3 if name == "splitkv" else 17, 40, 24, dtype=F16, layout=layout,
                        kv_heads=2)
     run(q, k, v, **options)
-    assert len(calls) == 1 and len(_plan._plans) == 1
-    assert isinstance(next(iter(_plan._plans.values())), _plan.Plan)
+    # split-KV (3 query rows): also the dry probe of its growing-cache family, which does not
+    # qualify (NOT_A_FAMILY), and the exact plan
+    recorded = 2 if name == "splitkv" else 1
+    assert len(calls) == recorded
+    plans = list(_plan._plans.values())
+    assert len(plans) == recorded and sum(isinstance(p, _plan.Plan) for p in plans) == 1
     q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
     replayed = run(q2, k2, v2, **options)
-    assert len(calls) == 1, "the second call did not replay"
-    monkeypatch.setattr(_plan, "signature", lambda *args: None)  # plans off
+    assert len(calls) == recorded, "the second call did not replay"
+    monkeypatch.setattr(_plan, "signature", lambda *args, **kw: None)  # plans off
     general = run(q2, k2, v2, **options)
-    assert len(calls) == 2
+    assert len(calls) == recorded + 1
     for got, want in zip(replayed if return_lse else (replayed,),
                          general if return_lse else (general,), strict=True):
         assert got.shape == want.shape and got.stride() == want.stride()
@@ -85,7 +89,8 @@ def test_a_changed_signature_records_a_new_plan(change, monkeypatch):
     calls = _forward_calls(monkeypatch)
     base = dict(causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
                 return_lse=False)
-    q, k, v = make_qkv(1, 4, 12, 20, 16, dtype=F16, kv_heads=2)
+    # more query rows than a growing-cache family takes: exact signatures
+    q, k, v = make_qkv(1, 4, _plan.FAMILY_MAX_Q + 1, 20, 16, dtype=F16, kv_heads=2)
     flash_attention(q, k, v, variant="v2", **base)
     options, variant, layout = dict(base), "v2", "bhsd"
     if change == "causal":
@@ -164,9 +169,73 @@ def test_invalid_calls_are_still_rejected_after_a_plan():
 def test_the_plan_store_is_bounded(monkeypatch):
     monkeypatch.setattr(_plan, "_MAX_PLANS", 2)
     for sk in (5, 6, 7):
-        q, k, v = make_qkv(1, 1, 3, sk, 16, dtype=F16)
+        q, k, v = make_qkv(1, 1, _plan.FAMILY_MAX_Q + 1, sk, 16, dtype=F16)
         flash_attention(q, k, v, variant="v2")
     assert 1 <= len(_plan._plans) <= 2
+
+
+def _growing_cache(run, layout: str, lengths, device="cpu", dtype=F16, head_dim=40):
+    """Decode-like calls (3 query rows, GQA) on contiguous caches of the given lengths, as a
+    DynamicCache grows; returns [(q, k, v, out)]."""
+    calls = []
+    for sk in lengths:
+        q, k, v = make_qkv(2, 4, 3, sk, head_dim, dtype=dtype, layout=layout, kv_heads=2,
+                           device=device)
+        calls.append((q, k, v, run(q, k, v, causal=True, softcap=2.0)))
+    return calls
+
+
+GROWING = [entry for entry in ENTRY_POINTS if entry[0] != "splitkv"]
+
+
+@pytest.mark.parametrize("name, layout, run", GROWING, ids=[e[0] for e in GROWING])
+def test_a_growing_cache_replays_one_family_plan(name, layout, run, monkeypatch):
+    """Odd key lengths 17-31 are one family (one power-of-two bucket; Triton specialises
+    neither them nor the k/v strides differently):
+    one recording (and its dry probe), then replays that read the key length and the k/v
+    strides from each call, bit for bit what the general path gives and right."""
+    calls = _forward_calls(monkeypatch)
+    grown = _growing_cache(run, layout, (17, 19, 23, 31))
+    assert len(calls) == 2, "later lengths did not replay the family plan"
+    [(key, plan)] = _plan._plans.items()
+    assert _plan.is_family(key) and isinstance(plan, _plan.Plan)
+    assert all(step.sizes for step in plan.steps)
+    monkeypatch.setattr(_plan, "signature", lambda *args, **kw: None)  # plans off
+    for q, k, v, out in grown:
+        assert torch.equal(out, run(q, k, v, causal=True, softcap=2.0))
+        ref, _ = reference_attention(q, k, v, layout=layout, causal=True, softcap=2.0)
+        assert_matches(out, ref, TOLERANCE[F16])
+
+
+def test_family_keys_follow_the_bucket_and_triton_specialisation(monkeypatch):
+    """A length divisible by 16 (Triton specialises on it) or in another power-of-two bucket
+    (the selector's thresholds are bucket edges) records a new family plan."""
+    calls = _forward_calls(monkeypatch)
+    run = ENTRY_POINTS[1][2]
+    _growing_cache(run, "bhsd", (17, 32, 33, 35, 64, 65))
+    assert len(calls) == 2 * 5  # families 17, 32 (16 | 32), 33 and 35, 64, 65
+    assert all(_plan.is_family(key) for key in _plan._plans)
+
+
+def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
+    """Split-KV launches depend on the key length through their split lengths, so its family
+    is NOT_A_FAMILY and each length gets an exact plan; non-contiguous caches (a slice of a
+    static cache) and calls with more than FAMILY_MAX_Q query rows never form a family."""
+    calls = _forward_calls(monkeypatch)
+    run = ENTRY_POINTS[4][2]
+    first = _growing_cache(run, "bhsd", (41, 43, 43))
+    assert len(calls) == 2 + 1  # 41: recorded and probed; 43: recorded; 43 again: replayed
+    assert list(_plan._plans.values()).count(_plan.NOT_A_FAMILY) == 1
+    for q, k, v, out in first:
+        ref, _ = reference_attention(q, k, v, causal=True, softcap=2.0)
+        assert_matches(out, ref, TOLERANCE[F16])
+    cache = torch.randn(1, 2, 64, 16, dtype=F16)
+    q = torch.randn(1, 2, 1, 16, dtype=F16)
+    assert not _plan.is_family(_plan.signature(q, cache[:, :, :20], cache[:, :, :20], "bhsd",
+                                               False, "v2", False, None, False, (-1, -1), 0.0))
+    q = torch.randn(1, 2, _plan.FAMILY_MAX_Q + 1, 16, dtype=F16)
+    assert not _plan.is_family(_plan.signature(q, cache, cache, "bhsd", False, "v2", False,
+                                               None, False, (-1, -1), 0.0))
 
 
 @pytest.mark.gpu
@@ -182,7 +251,7 @@ def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_
     q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
     out, lse = run(q2, k2, v2, causal=True, return_lse=True)
     assert len(calls) == 1, "the second call did not replay"
-    monkeypatch.setattr(_plan, "signature", lambda *args: None)
+    monkeypatch.setattr(_plan, "signature", lambda *args, **kw: None)
     want_out, want_lse = run(q2, k2, v2, causal=True, return_lse=True)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True)
@@ -221,3 +290,20 @@ def test_threads_record_and_replay_their_own_calls(monkeypatch):
         ref, _ = reference_attention(q, k, v, causal=True)
         for out in results[index]:
             assert_matches(out, ref, TOLERANCE[F16])
+
+
+@pytest.mark.gpu
+def test_gpu_growing_cache_family_replays(monkeypatch, gpu_device):
+    """Family replays on CUDA (compiled kernels, key lengths 129-250: one bucket) equal the
+    general path bit for bit, in both layouts."""
+    for name, layout, run in GROWING[2:]:
+        calls = _forward_calls(monkeypatch)
+        grown = _growing_cache(run, layout, (129, 130, 200, 250), device=gpu_device,
+                               dtype=torch.bfloat16, head_dim=128)
+        assert len(calls) == 2, name
+        with monkeypatch.context() as off:
+            off.setattr(_plan, "signature", lambda *args, **kw: None)
+            for q, k, v, out in grown:
+                assert torch.equal(out, run(q, k, v, causal=True, softcap=2.0))
+                ref, _ = reference_attention(q, k, v, layout=layout, causal=True, softcap=2.0)
+                assert_matches(out, ref, 1e-2)

@@ -137,3 +137,27 @@ def test_a_profiler_hook_gets_tritons_own_runner(monkeypatch):
     monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
     _launch(kernel, x, 16)
     assert kernel.log[-1] == ("runner", (4, 2, 1), (x, 16, 0.5, 3, 7))
+
+
+@pytest.mark.parametrize("batch, heads, seqlen, head_dim, causal, dtype, want", [
+    (1, 12, 2048, 64, True, torch.float16, (64, 64)),  # 192 programs: < 4 per SM
+    (1, 32, 2048, 64, True, torch.bfloat16, (64, 64)),  # 512 (3.9 per SM)
+    (1, 12, 8192, 64, True, torch.float16, (64, 128)),  # 768 (5.8 per SM)
+    (1, 32, 8192, 40, True, torch.bfloat16, (64, 128)),  # 2048 (15.5 per SM)
+    (4, 32, 8192, 64, True, torch.float16, (128, 128)),  # 8192: the table's tile
+    (1, 12, 2048, 64, False, torch.float16, (128, 128)),  # not causal: the table
+    (1, 12, 2048, 128, True, torch.float16, (128, 128)),  # head_dim 128: the table
+    (1, 12, 2048, 64, True, torch.float32, (64, 64)),  # float32: its own table row
+])
+def test_small_causal_grids_take_64_row_query_blocks(batch, heads, seqlen, head_dim, causal,
+                                                     dtype, want, monkeypatch):
+    """The V2 tile rule on a 132-multiprocessor GPU (kernels.configs): 64-row query blocks
+    for causal fp16/bf16 calls at head_dim <= 64 whose 128-row grid would be small."""
+    from kernels import configs
+
+    monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
+    blocks_128 = batch * heads * -(-seqlen // 128)
+    cfg = configs.tile_config("v2", DEVICE, head_dim, dtype, causal, blocks_128)
+    assert (cfg.block_m, cfg.block_n) == want
+    if dtype == torch.float32:  # the float32 row, whatever the grid
+        assert cfg == configs.tile_config("v2", DEVICE, head_dim, dtype, causal)

@@ -76,7 +76,10 @@ def attention_fwd_v2(
 ):
     """Q, K, V are pointers, or (B, H, S, D) tensor descriptors with blocks [1, 1, BLOCK_*,
     BLOCK_D] when USE_TMA; O, LSE, MASK, ALIBI are pointers."""
-    start_m = tl.program_id(0) * BLOCK_M
+    # Query blocks in reverse order: under a causal mask or a window the last blocks carry
+    # the most key blocks, and starting them first keeps them out of the final wave (longest
+    # job first); without one every block costs the same and the order does not matter.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
     seq = pid_bh // H
     h = pid_bh % H
