@@ -26,7 +26,7 @@ in the key length and the k/v strides (divisibility by 16, equality to 1: the bu
 32-bit range): at most five families per bucket, by gcd(key length, 16). The
 kernel arguments that depend on the key length are found by recording the call a second time,
 without launching, on a longer probe cache: every integer argument that differs must be the
-key length or a k/v stride (then it is read from the call's k or v on replay), and nothing else
+key length or a k/v stride (then it is read from the call's k on replay), and nothing else
 (grid, constexprs, workspace, other arguments) may differ. Only the V1 and V2 kernels qualify,
 whose arguments are those values themselves; the split-KV kernel's split lengths are step
 functions of the key length. A family that does not qualify is marked ``NOT_A_FAMILY`` and
@@ -49,7 +49,8 @@ FAMILY_MAX_Q = 16  # query rows up to which calls on contiguous K/V share a grow
 _FAMILY_VARIANTS = ("v1", "v2")
 NOT_REPLAYABLE = object()  # a signature whose calls always take the general path
 NOT_A_FAMILY = object()  # a family key whose calls use exact signatures
-_FAMILY = "family"  # marks a family key (after the common part of every key)
+_FAMILY = "family"  # marks a family key, at _FAMILY_AT (after the part common to all keys)
+_FAMILY_AT = 19
 _plans: dict[tuple, object] = {}
 _recording = threading.local()
 
@@ -121,16 +122,13 @@ def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, vari
             # The k/v strides of a contiguous cache are c * keys: whether Triton sees them (and
             # keys) divisible by 16 follows from gcd(keys, 16); 32-bit range from the largest.
             return common + (_FAMILY, batch, heads, head_dim, keys.bit_length(),
-                             math.gcd(keys, 16), k.stride(0) >> 31)
+                             math.gcd(keys, 16), k.stride(0) >= 1 << 31)
     return common + (shape, k.stride(), v.shape, v.stride())
 
 
 def is_family(key: tuple) -> bool:
     """Whether ``key`` (from ``signature``) is a family key."""
     return key[_FAMILY_AT] is _FAMILY
-
-
-_FAMILY_AT = 19  # len(common) in ``signature``
 
 
 def probe_cache(k: torch.Tensor, v: torch.Tensor, layout: str
@@ -179,7 +177,7 @@ def active_recorder() -> Recorder | None:
 class Call(NamedTuple):
     """What one general-path call ran on: the views its launchers saw (q, k, v: distinct
     objects, made for the recording, so that identity tells them apart even when the caller
-    passed one tensor three times), its outputs, and the caller's k and v."""
+    passed one tensor three times), its outputs, and the caller's k (its layout)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -187,7 +185,6 @@ class Call(NamedTuple):
     out: torch.Tensor
     lse: torch.Tensor | None
     k_in: torch.Tensor
-    v_in: torch.Tensor
 
 
 def store(key: tuple, recorder: Recorder, call: Call,

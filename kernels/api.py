@@ -345,7 +345,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     with _plan.Recorder() as recorder:
         out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
                             None, window_size, softcap, None)
-    call = _plan.Call(q, k, v, out, lse, k_in, v_in)
+    call = _plan.Call(q, k, v, out, lse, k_in)
     probe = exact_key = None
     if _plan.is_family(key):
         k_probe, v_probe = _plan.probe_cache(k_in, v_in, layout)
@@ -354,7 +354,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
             probe_out, probe_lse = _general(q, kp, vp, out_bshd, variant, causal,
                                             softmax_scale, return_lse, None, window_size,
                                             softcap, None)
-        probe = dry, _plan.Call(q, kp, vp, probe_out, probe_lse, k_probe, v_probe)
+        probe = dry, _plan.Call(q, kp, vp, probe_out, probe_lse, k_probe)
         exact_key = _plan.signature(q_in, k_in, v_in, *options, exact=True)
     _plan.store(key, recorder, call, probe, exact_key)
     return (out, lse) if return_lse else out
