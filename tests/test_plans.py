@@ -188,6 +188,23 @@ def _growing_cache(run, layout: str, lengths, device="cpu", dtype=F16, head_dim=
 GROWING = [entry for entry in ENTRY_POINTS if entry[0] != "splitkv"]
 
 
+def _count_launches(monkeypatch) -> list[int]:
+    """Kernels actually run on the CPU (each holds the interpreter lock once)."""
+    from kernels import _runtime
+
+    launches: list[int] = []
+
+    class Counted:
+        def __enter__(self) -> None:
+            launches.append(1)
+
+        def __exit__(self, *exc_info: object) -> None:
+            pass
+
+    monkeypatch.setattr(_runtime, "_interpreter_lock", Counted())
+    return launches
+
+
 @pytest.mark.parametrize("name, layout, run", GROWING, ids=[e[0] for e in GROWING])
 def test_a_growing_cache_replays_one_family_plan(name, layout, run, monkeypatch):
     """Odd key lengths 17-31 are one family (one power-of-two bucket; Triton specialises
@@ -195,8 +212,10 @@ def test_a_growing_cache_replays_one_family_plan(name, layout, run, monkeypatch)
     one recording (and its dry probe), then replays that read the key length and the k/v
     strides from each call, bit for bit what the general path gives and right."""
     calls = _forward_calls(monkeypatch)
+    launches = _count_launches(monkeypatch)
     grown = _growing_cache(run, layout, (17, 19, 23, 31))
     assert len(calls) == 2, "later lengths did not replay the family plan"
+    assert launches == [1] * 4, "the dry probe launched a kernel"
     [(key, plan)] = _plan._plans.items()
     assert _plan.is_family(key) and isinstance(plan, _plan.Plan)
     assert all(step.sizes for step in plan.steps)
