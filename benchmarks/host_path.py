@@ -8,7 +8,8 @@ replaying its recorded launch plan (what every call after the first of a signatu
 through the general path (plans off). The GPU host adds Triton's C launcher, the general
 path's specialisation key of about 45 arguments and the CUDA caching allocator on top (see
 NOTES.md, "Host overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16), also on
-a cache that grows by one key per call (one growing-cache plan family per specialisation).
+a cache that grows by one key per call (one growing-cache plan family per specialisation),
+and a split-KV decode call (B1 H32 Hkv8 Sq1 Sk1k D128: its family keeps plans by key length).
 
     PYTHONPATH=. python benchmarks/host_path.py
 """
@@ -22,6 +23,7 @@ import torch
 
 from kernels import _launch, _plan, _runtime, flash_attention, flash_attention_v2
 from kernels.api import attention
+from kernels.selector import SelectedKernel
 
 
 def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> float:
@@ -69,6 +71,10 @@ def main() -> None:
                          causal=False, softmax_scale=0.125, return_lse=False, attn_mask=None,
                          window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
 
+    qd = torch.randn(1, 32, 1, 128, dtype=torch.float16)
+    kd = torch.randn(1, 8, 1024, 128, dtype=torch.float16)
+    splitkv = SelectedKernel("splitkv")
+
     cases = {
         "Hugging Face attention call (BHSD in, BSHD out)": patched_call,
         "the same, cache growing by one key per call (Sk 257-511)": growing_call,
@@ -77,6 +83,7 @@ def main() -> None:
         "flash_attention_v2 (BSHD)": lambda: flash_attention_v2(q2, k2, v2),
         "flash_attention_v2, return_lse=True": lambda: flash_attention_v2(q2, k2, v2,
                                                                            return_lse=True),
+        "split-KV decode (B1 H32/8 Sq1 Sk1k D128), two launches": lambda: splitkv(qd, kd, kd),
     }
     signature = _plan.signature
     for name, fn in cases.items():

@@ -29,8 +29,10 @@ without launching, on a longer probe cache: every integer argument that differs 
 key length or a k/v stride (then it is read from the call's k on replay), and nothing else
 (grid, constexprs, workspace, other arguments) may differ. Only the V1 and V2 kernels qualify,
 whose arguments are those values themselves; the split-KV kernel's split lengths are step
-functions of the key length. A family that does not qualify is marked ``NOT_A_FAMILY`` and
-its calls use exact signatures.
+functions of the key length. The entry of a family that does not qualify is a ``ByLength``
+dict: the exact plans of its calls by key length (the family key fixes everything else, and
+the strides of contiguous K/V follow from the length), so those calls still cost one key and
+two dict lookups.
 
 Plans are kept per process in a dict bounded by ``_MAX_PLANS`` (cleared when full). Recording
 is per thread.
@@ -48,7 +50,6 @@ _MAX_PLANS = 4096
 FAMILY_MAX_Q = 16  # query rows up to which calls on contiguous K/V share a growing-cache plan
 _FAMILY_VARIANTS = ("v1", "v2")
 NOT_REPLAYABLE = object()  # a signature whose calls always take the general path
-NOT_A_FAMILY = object()  # a family key whose calls use exact signatures
 _FAMILY = "family"  # marks a family key, at _FAMILY_AT (after the part common to all keys)
 _FAMILY_AT = 19
 _plans: dict[tuple, object] = {}
@@ -85,15 +86,27 @@ class Plan(NamedTuple):
     steps: tuple[Step, ...]
 
 
+class ByLength(dict):
+    """The entry of a family whose launches do not qualify: key length -> Plan (or
+    ``NOT_REPLAYABLE``) of its calls."""
+
+
+class LengthKey(NamedTuple):
+    """Where the plan of one key length of a ``ByLength`` family is kept."""
+
+    family: tuple
+    length: int
+
+
 def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, variant: str,
               causal: object, softmax_scale: object, return_lse: bool, window_size: object,
-              softcap: object, exact: bool = False) -> tuple | None:
+              softcap: object) -> tuple | None:
     """The plan key of a call of ``kernels.api.attention`` without mask and ALiBi slopes (q,
     k, v as the caller passed them, not yet validated), or None when the call must take the
     general path. Inputs of other types than the common ones (plain tensors; bool, float or
     None, tuple, float options) take it too, so that its checks still reject what they reject
     (``1 == True`` would otherwise share a key). A call that may share a growing-cache plan
-    gets its family key unless ``exact``."""
+    gets its family key."""
     if torch.compiler.is_compiling():
         return None
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
@@ -111,7 +124,7 @@ def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, vari
               softcap, dtype, k.dtype, v.dtype, device, k.device, v.device, q.shape, q.stride(),
               q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15)
     shape = k.shape
-    if (not exact and len(shape) == 4 and q.dim() == 4 and v.shape == shape
+    if (len(shape) == 4 and q.dim() == 4 and v.shape == shape
             and k.is_contiguous() and v.is_contiguous()):
         batch, dim1, dim2, head_dim = shape
         if layout == "bshd":
@@ -127,8 +140,8 @@ def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, vari
 
 
 def is_family(key: tuple) -> bool:
-    """Whether ``key`` (from ``signature``) is a family key."""
-    return key[_FAMILY_AT] is _FAMILY
+    """Whether ``key`` (from ``lookup``) is a family key."""
+    return type(key) is tuple and key[_FAMILY_AT] is _FAMILY
 
 
 def probe_cache(k: torch.Tensor, v: torch.Tensor, layout: str
@@ -141,9 +154,14 @@ def probe_cache(k: torch.Tensor, v: torch.Tensor, layout: str
     return k.new_empty(shape), v.new_empty(shape)
 
 
-def lookup(key: tuple) -> Plan | None | object:
-    """The plan of ``key``; None if none was recorded; ``NOT_REPLAYABLE`` if it cannot be."""
-    return _plans.get(key)
+def lookup(key: tuple, k: torch.Tensor, layout: str) -> tuple[tuple, Plan | None | object]:
+    """(the key under which a call with signature ``key`` and keys ``k`` is kept, its plan:
+    None if none was recorded, ``NOT_REPLAYABLE`` if it cannot be)."""
+    entry = _plans.get(key)
+    if type(entry) is ByLength:
+        length = k.shape[1 if layout == "bshd" else 2]
+        return LengthKey(key, length), entry.get(length)
+    return key, entry
 
 
 class Recorder:
@@ -188,19 +206,35 @@ class Call(NamedTuple):
 
 
 def store(key: tuple, recorder: Recorder, call: Call,
-          probe: tuple[Recorder, Call] | None = None, exact_key: tuple | None = None) -> None:
-    """Turn what ``recorder`` saw during ``call`` into the plan of ``key``. Tensor arguments
-    are matched by identity to q, k and v, by data pointer to the fresh outputs; any other
-    tensor is workspace that the general path allocated, allocated again (same shape and
-    dtype, contiguous) on replay. For a family ``key``, ``probe`` is the dry recording of the
-    same call on a longer cache; a call that does not qualify marks the family
-    ``NOT_A_FAMILY`` and is stored under ``exact_key``."""
-    if len(_plans) >= _MAX_PLANS:
-        _plans.clear()
+          probe: tuple[Recorder, Call] | None = None) -> None:
+    """Turn what ``recorder`` saw during ``call`` into the plan of ``key`` (from ``lookup``).
+    Tensor arguments are matched by identity to q, k and v, by data pointer to the fresh
+    outputs; any other tensor is workspace that the general path allocated, allocated again
+    (same shape and dtype, contiguous) on replay. For a family ``key``, ``probe`` is the dry
+    recording of the same call on a longer cache; a family that does not qualify becomes a
+    ``ByLength`` entry holding this call's plan."""
+    _put(key, _plan_of(recorder, call, probe))
+
+
+def _put(key: tuple, entry: object) -> None:
+    """Keep ``entry`` under ``key``, a signature or a ``LengthKey``; each dict is bounded."""
+    plans = _plans
+    if type(key) is LengthKey:
+        plans = _plans.get(key.family)
+        if type(plans) is not ByLength:  # the store was cleared since the lookup
+            plans = _plans[key.family] = ByLength()
+        key = key.length
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[key] = entry
+
+
+def _plan_of(recorder: Recorder, call: Call, probe: tuple[Recorder, Call] | None) -> object:
+    """The entry ``store`` keeps: a Plan, ``NOT_REPLAYABLE``, or (a family that does not
+    qualify) a ``ByLength`` holding the call's own plan."""
     launches = recorder.launches
     if not launches or any(entry is None for entry in launches):
-        _plans[key] = NOT_REPLAYABLE
-        return
+        return NOT_REPLAYABLE
     steps: list[Step] = []
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
     slot_of = _slot_finder(call, shapes)
@@ -209,27 +243,21 @@ def store(key: tuple, recorder: Recorder, call: Call,
         for position, arg in enumerate(args):
             if not isinstance(arg, torch.Tensor):
                 if not isinstance(arg, (int, float, bool, str)) and arg is not None:
-                    _plans[key] = NOT_REPLAYABLE  # e.g. a tensor descriptor
-                    return
+                    return NOT_REPLAYABLE  # e.g. a tensor descriptor
                 continue
             slot = slot_of(arg)
             if slot is None:
-                _plans[key] = NOT_REPLAYABLE
-                return
+                return NOT_REPLAYABLE
             slots.append((position, slot))
             template[position] = None
         steps.append(Step(runner, grid, tuple(template), tuple(slots), constexprs, num_warps,
                           num_stages))
     plan = Plan(tuple(call.out.shape), None if call.lse is None else tuple(call.lse.shape),
                 tuple(shapes), tuple(steps))
-    if probe is not None:
-        family = _family_plan(plan, recorder, call, *probe)
-        if family is None:
-            _plans[key] = NOT_A_FAMILY
-            key = exact_key
-        else:
-            plan = family
-    _plans[key] = plan
+    if probe is None:
+        return plan
+    family = _family_plan(plan, recorder, call, *probe)
+    return ByLength({call.k.shape[2]: plan}) if family is None else family
 
 
 def _slot_finder(call: Call, shapes: list[tuple[tuple[int, ...], torch.dtype]]):

@@ -315,14 +315,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     the checks, the selector and the launchers read."""
     key = None
     if attn_mask is None and alibi_slopes is None:
-        options = (layout, out_bshd, variant, causal, softmax_scale, return_lse, window_size,
-                   softcap)
-        key = _plan.signature(q, k, v, *options)
+        key = _plan.signature(q, k, v, layout, out_bshd, variant, causal, softmax_scale,
+                              return_lse, window_size, softcap)
         if key is not None:
-            plan = _plan.lookup(key)
-            if plan is _plan.NOT_A_FAMILY:
-                key = _plan.signature(q, k, v, *options, exact=True)
-                plan = _plan.lookup(key)
+            key, plan = _plan.lookup(key, k, layout)
             if plan is not None:
                 if plan is _plan.NOT_REPLAYABLE:
                     key = None
@@ -330,7 +326,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                     out, lse = _plan.replay(plan, q, k, v, _runtime.replay_launch)
                     return (out, lse) if return_lse else out
     check_qkv(q, k, v, layout)
-    q_in, k_in, v_in = q, k, v
+    k_in, v_in = k, v
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     elif key is not None:  # new objects: a recording tells q, k and v apart by identity,
@@ -346,7 +342,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
         out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
                             None, window_size, softcap, None)
     call = _plan.Call(q, k, v, out, lse, k_in)
-    probe = exact_key = None
+    probe = None
     if _plan.is_family(key):
         k_probe, v_probe = _plan.probe_cache(k_in, v_in, layout)
         kp, vp = ((x.transpose(1, 2) if layout == "bshd" else x) for x in (k_probe, v_probe))
@@ -355,8 +351,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                                             softmax_scale, return_lse, None, window_size,
                                             softcap, None)
         probe = dry, _plan.Call(q, kp, vp, probe_out, probe_lse, k_probe)
-        exact_key = _plan.signature(q_in, k_in, v_in, *options, exact=True)
-    _plan.store(key, recorder, call, probe, exact_key)
+    _plan.store(key, recorder, call, probe)
     return (out, lse) if return_lse else out
 
 

@@ -41,11 +41,14 @@ def test_replay_equals_the_general_path(name, layout, run, return_lse, monkeypat
                        kv_heads=2)
     run(q, k, v, **options)
     # split-KV (3 query rows): also the dry probe of its growing-cache family, which does not
-    # qualify (NOT_A_FAMILY), and the exact plan
+    # qualify (its entry keeps plans by key length)
     recorded = 2 if name == "splitkv" else 1
     assert len(calls) == recorded
-    plans = list(_plan._plans.values())
-    assert len(plans) == recorded and sum(isinstance(p, _plan.Plan) for p in plans) == 1
+    [entry] = _plan._plans.values()
+    if name == "splitkv":
+        assert type(entry) is _plan.ByLength and list(entry) == [k.shape[2]]
+        [entry] = entry.values()
+    assert isinstance(entry, _plan.Plan)
     q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
     replayed = run(q2, k2, v2, **options)
     assert len(calls) == recorded, "the second call did not replay"
@@ -172,6 +175,9 @@ def test_the_plan_store_is_bounded(monkeypatch):
         q, k, v = make_qkv(1, 1, _plan.FAMILY_MAX_Q + 1, sk, 16, dtype=F16)
         flash_attention(q, k, v, variant="v2")
     assert 1 <= len(_plan._plans) <= 2
+    _growing_cache(ENTRY_POINTS[4][2], "bhsd", (41, 43, 45, 47))  # split-KV: plans by length
+    by_length = [e for e in _plan._plans.values() if type(e) is _plan.ByLength]
+    assert len(by_length) == 1 and 1 <= len(by_length[0]) <= 2
 
 
 def _growing_cache(run, layout: str, lengths, device="cpu", dtype=F16, head_dim=40):
@@ -238,13 +244,15 @@ def test_family_keys_follow_the_bucket_and_triton_specialisation(monkeypatch):
 
 def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
     """Split-KV launches depend on the key length through their split lengths, so its family
-    is NOT_A_FAMILY and each length gets an exact plan; non-contiguous caches (a slice of a
-    static cache) and calls with more than FAMILY_MAX_Q query rows never form a family."""
+    keeps a plan per key length (ByLength); non-contiguous caches (a slice of a static cache)
+    and calls with more than FAMILY_MAX_Q query rows never form a family."""
     calls = _forward_calls(monkeypatch)
     run = ENTRY_POINTS[4][2]
     first = _growing_cache(run, "bhsd", (41, 43, 43))
     assert len(calls) == 2 + 1  # 41: recorded and probed; 43: recorded; 43 again: replayed
-    assert list(_plan._plans.values()).count(_plan.NOT_A_FAMILY) == 1
+    [entry] = _plan._plans.values()
+    assert type(entry) is _plan.ByLength and sorted(entry) == [41, 43]
+    assert all(isinstance(plan, _plan.Plan) for plan in entry.values())
     for q, k, v, out in first:
         ref, _ = reference_attention(q, k, v, causal=True, softcap=2.0)
         assert_matches(out, ref, TOLERANCE[F16])
