@@ -310,9 +310,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
     (B, Sq, H, D) when ``out_bshd`` else (B, H, Sq, D), contiguous, and lse (B, H, Sq) with
     ``return_lse``.
 
-    A mask-free eager call replays the launches recorded by the first call of its signature
-    (``kernels._plan``): its inputs were validated then, and the key holds everything that
-    the checks, the selector and the launchers read."""
+    A mask-free eager call replays the launches recorded by the first call of its signature,
+    or of its growing-cache family (``kernels._plan``): its inputs were validated then, and
+    the key holds everything that the checks, the selector and the launchers read."""
     key = None
     if attn_mask is None and alibi_slopes is None:
         key = _plan.signature(q, k, v, layout, out_bshd, variant, causal, softmax_scale,
