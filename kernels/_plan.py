@@ -25,8 +25,10 @@ the signature without the key length, keyed instead by the key length's power-of
 in the key length and the k/v strides (divisibility by 16, equality to 1: the bucket of 1,
 32-bit range): at most five families per bucket, by gcd(key length, 16). The
 kernel arguments that depend on the key length are found by recording the call a second time,
-without launching, on a longer probe cache: every integer argument that differs must be the
-key length or a k/v stride (then it is read from the call's k on replay), and nothing else
+without launching, on a 16-key probe cache (small whatever the cache: a probe as long as a
+large cache would double its memory for a moment): every integer argument that differs must
+be the key length or a k/v stride, linear in the key length as they all are (then it is read
+from the call's k on replay), and nothing else
 (grid, constexprs, workspace, other arguments) may differ. Only the V1 and V2 kernels qualify,
 whose arguments are those values themselves; the split-KV kernel's split lengths are step
 functions of the key length. The entry of a family that does not qualify is a ``ByLength``
@@ -146,11 +148,13 @@ def is_family(key: tuple) -> bool:
 
 def probe_cache(k: torch.Tensor, v: torch.Tensor, layout: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous k and v (caller's layout) of the same family as ``k`` and ``v``, 16 keys
-    longer, for the dry recording that finds the key-length arguments (never read)."""
+    """Contiguous k and v (caller's layout) shaped as ``k`` and ``v`` but for the key length,
+    16 (32 if ``k`` has 16), for the dry recording that finds the key-length arguments
+    (never read). A different length is enough: the candidate arguments (key length, k/v
+    strides) are linear in it, so two of them that agree at two lengths are the same."""
     seq = 1 if layout == "bshd" else 2
     shape = list(k.shape)
-    shape[seq] += 16
+    shape[seq] = 32 if shape[seq] == 16 else 16
     return k.new_empty(shape), v.new_empty(shape)
 
 
@@ -211,7 +215,7 @@ def store(key: tuple, recorder: Recorder, call: Call,
     Tensor arguments are matched by identity to q, k and v, by data pointer to the fresh
     outputs; any other tensor is workspace that the general path allocated, allocated again
     (same shape and dtype, contiguous) on replay. For a family ``key``, ``probe`` is the dry
-    recording of the same call on a longer cache; a family that does not qualify becomes a
+    recording of the same call on a probe cache; a family that does not qualify becomes a
     ``ByLength`` entry holding this call's plan."""
     _put(key, _plan_of(recorder, call, probe))
 

@@ -337,7 +337,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                             attn_mask, window_size, softcap, alibi_slopes)
         return (out, lse) if return_lse else out
     # first call of this signature: record it (and, for a growing-cache family, record it
-    # again without launching on a longer cache)
+    # again without launching on a small probe cache)
     with _plan.Recorder() as recorder:
         out, lse = _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse,
                             None, window_size, softcap, None)

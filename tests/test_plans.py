@@ -242,6 +242,18 @@ def test_family_keys_follow_the_bucket_and_triton_specialisation(monkeypatch):
     assert all(_plan.is_family(key) for key in _plan._plans)
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_the_probe_cache_is_small_whatever_the_cache(layout):
+    """A probe as long as the cache would double a large cache's memory for a moment."""
+    for keys, probed in ((4096, 16), (16, 32), (1, 16)):
+        shape = (2, 3, keys, 8) if layout == "bhsd" else (2, keys, 3, 8)
+        k = torch.empty(shape, dtype=F16)
+        kp, vp = _plan.probe_cache(k, k, layout)
+        seq = 2 if layout == "bhsd" else 1
+        assert kp.shape[seq] == vp.shape[seq] == probed and kp.is_contiguous()
+        assert kp.shape[:seq] + kp.shape[seq + 1:] == k.shape[:seq] + k.shape[seq + 1:]
+
+
 def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
     """Split-KV launches depend on the key length through their split lengths, so its family
     keeps a plan per key length (ByLength); non-contiguous caches (a slice of a static cache)
