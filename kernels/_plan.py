@@ -306,11 +306,10 @@ def _family_plan(plan: Plan, recorder: Recorder, call: Call, probe: Recorder,
         if (probed[0] is not kernel or probed[1] != grid or probed[3] != constexprs
                 or probed[4:] != (num_warps, num_stages) or len(probed[2]) != len(args)):
             return None
-        sizes = []
+        sizes, slots = [], dict(step.slots)
         for position, (arg, other) in enumerate(zip(args, probed[2], strict=True)):
             if isinstance(arg, torch.Tensor):
-                if not isinstance(other, torch.Tensor) or probe_slot(other) != dict(
-                        step.slots)[position]:
+                if not isinstance(other, torch.Tensor) or probe_slot(other) != slots[position]:
                     return None
             elif type(arg) is int and type(other) is int and arg != other:
                 found = [i for i, (a, b) in enumerate(zip(ints, probe_ints, strict=True))
