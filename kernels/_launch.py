@@ -234,8 +234,9 @@ def forward_splitkv(
     lse: torch.Tensor | None, args: ScoreArgs, *, num_splits: int | None = None,
     config: TileConfig | None = None,
 ) -> None:
-    """Split-KV kernel and merge; shapes as in ``forward_v2`` (no varlen). Allocates float32
-    partials of (B, H, splits, Sq, next_pow2(D)) and (B, H, splits, Sq)."""
+    """Split-KV kernel and merge; shapes as in ``forward_v2`` (no varlen). With more than one
+    split, allocates float32 partials of (B, H, splits, Sq, next_pow2(D)) and (B, H, splits,
+    Sq); one split writes ``out`` directly (no merge launch)."""
     device = q.device
     module = _runtime.kernel_module("decode", device)
     B, H, Sq, D = q.shape
@@ -247,9 +248,12 @@ def forward_splitkv(
     splits = num_splits or _num_splits(device, B * Hkv, Sk, cfg.block_n)
     split_len = _cdiv(_cdiv(Sk, splits), cfg.block_n) * cfg.block_n
     splits = _cdiv(Sk, split_len)
-    o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
-    lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
     lse, lse_strides, store_lse = _lse_arg(lse, out)
+    if splits > 1:
+        o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
+        lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
+    else:  # the one split writes out and lse itself
+        o_part = lse_part = lse
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
     values, flags = args.kernel_args()
@@ -258,15 +262,17 @@ def forward_splitkv(
     _runtime.launch(
         module.attention_fwd_splitkv, (splits, B * Hkv, _cdiv(group * Sq, block_m)),
         device,
-        (q, k, v, o_part, lse_part, mask, alibi,
-         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
-         H, group, Sq, Sk, split_len, *values),
+        (q, k, v, o_part, lse_part, out, lse, mask, alibi,
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides, *mask_strides,
+         *alibi_strides, H, group, Sq, Sk, split_len, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-             NUM_SPLITS=splits, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
+             NUM_SPLITS=splits, STORE_LSE=store_lse,
+             DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
         cfg.num_warps, cfg.num_stages)
-    _runtime.launch(
-        module.merge_splits, (B * H, Sq), device,
-        (o_part, lse_part, out, lse, *out.stride(), *lse_strides, H, Sq),
-        dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-             BLOCK_S=_next_pow2(splits), STORE_LSE=store_lse),
-        4, 1)
+    if splits > 1:
+        _runtime.launch(
+            module.merge_splits, (B * H, Sq), device,
+            (o_part, lse_part, out, lse, *out.stride(), *lse_strides, H, Sq),
+            dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+                 BLOCK_S=_next_pow2(splits), STORE_LSE=store_lse),
+            4, 1)

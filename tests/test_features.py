@@ -186,14 +186,27 @@ def padding_masks(kind: str, lengths: tuple[int, ...], sk: int, left: int, hole:
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_key_padding_mask_skipped_before_first_masked_key(api, kind, causal):
-    """Key-vector masks run mask-free on the key blocks before the first key they change
-    (``unmasked_until``): right padding that ends inside a block, on a block edge (the CPU
-    tiles are 16 keys), no padding, one key left, left padding, and a float bias that starts
-    mid-sequence. Each row must still match the reference."""
+    """Key-vector masks run mask-free on the key blocks before the first key they change and
+    skip the blocks after the last key they let through (``mask_key_bounds``): right padding
+    that ends inside a block, on a block edge (the CPU tiles are 16 keys), no padding, one
+    key left, left padding, and a float bias that starts mid-sequence. Each row must still
+    match the reference."""
     sk = 70
     mask = padding_masks(kind, (sk, 48, 37, 1), sk, left=20, hole=50, bias_at=40)
     q, k, v = make_qkv(mask.shape[0], H, 23, sk, 40, layout=layout_of(api))
     check_call(api, q, k, v, attn_mask=mask, causal=causal)
+
+
+@pytest.mark.parametrize(("kind", "causal", "length"),
+                         [("bool", True, 2048), ("float", False, 3000)])
+def test_key_padding_mask_bounds_across_scan_steps(kind, causal, length):
+    """``mask_key_bounds`` reads MASK_SCAN (2048) keys per step: right padding from a step
+    edge or from inside the second step, left padding past the first step, a hole in the
+    third step only. Few query rows so the interpreter stays quick."""
+    sk = 2 * 2048 + 37
+    mask = padding_masks(kind, (length,), sk, left=2100, hole=4120, bias_at=4096)
+    q, k, v = make_qkv(mask.shape[0], 1, 2, sk, 16)
+    check_call("v2", q, k, v, attn_mask=mask, causal=causal)
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -17,11 +17,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_FLOAT = tl.constexpr(2)
+MASK_SCAN = tl.constexpr(2048)  # keys of a key-vector mask read per step of mask_key_bounds
 
 
 @triton.jit
 def _maximum(a, b):
     return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
 
 
 @triton.jit
@@ -32,6 +38,11 @@ def _add(a, b):
 @triton.jit
 def max_along(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _maximum)
+
+
+@triton.jit
+def min_along(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _minimum)
 
 
 @triton.jit
@@ -170,26 +181,104 @@ def attend_block(
 
 
 @triton.jit
-def unmasked_until(mask_base, stride_mn, start, stop, MASK_KIND: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """First key block in [start, stop) (block-aligned, inside the keys) where a key-vector
-    mask changes a score: a False of a bool mask, a non-zero of a float mask; ``stop`` if
-    none. The blocks before it can run as if there were no mask (the common right-padded
-    batch pays the mask only on its padded tail). One [BLOCK_N] load per block scanned."""
-    offs = tl.arange(0, BLOCK_N)
-    n = start
-    clean = n < stop
-    while clean:
-        mvals = tl.load(mask_base + (n + offs) * stride_mn)
-        if MASK_KIND == MASK_BOOL:
-            changed = mvals == 0
-        else:
-            changed = mvals != 0
-        clean = max_along(changed.to(tl.int32), 0) == 0
-        if clean:
-            n += BLOCK_N
-            clean = n < stop
-    return n
+def load_kv(src, b, head, row0, start_n, offs_nb, offs_d, seqlen, stride_n, stride_d,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] K or V tile of key rows start_n.. of a sequence that starts at
+    row0. TMA mode: ``src`` is a (B, H, S, D) tensor descriptor (rows and columns out of the
+    tensor read as zeros; rows of a next packed sequence are masked by the scores); pointer
+    mode: ``src`` points at (b, head, row0) and bounds are checked where needed."""
+    if USE_TMA:
+        tile = src.load([b, head, row0 + start_n, 0]).reshape([BLOCK_N, BLOCK_D])
+    else:
+        ptrs = src + tl.cast(start_n, tl.int64) * stride_n \
+            + offs_nb[:, None] * stride_n + offs_d[None, :] * stride_d
+        tile = load_tile(ptrs, start_n + offs_nb, seqlen, offs_d, HEAD_DIM,
+                         CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
+    return tile
+
+
+@triton.jit
+def attend_range(
+    acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
+    stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Fold key blocks [start, stop) into (acc, m_i, l_i); row0 is the first key row of the
+    sequence in K/V (non-zero for varlen)."""
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + offs_nb
+        k = load_kv(k_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
+                     stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
+        v = load_kv(v_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
+                     stride_vn, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
+            window_right, qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND,
+            MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
+            DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _changes(mvals, MASK_KIND: tl.constexpr):
+    """Where a key-vector mask changes a score: a False of a bool mask, a non-zero of a float
+    mask."""
+    if MASK_KIND == MASK_BOOL:
+        changed = mvals == 0
+    else:
+        changed = mvals != 0
+    return changed
+
+
+@triton.jit
+def _hides(mvals, MASK_KIND: tl.constexpr):
+    """Where a key-vector mask hides a key: a False of a bool mask, -inf in a float mask."""
+    if MASK_KIND == MASK_BOOL:
+        hidden = mvals == 0
+    else:
+        hidden = mvals == float("-inf")
+    return hidden
+
+
+@triton.jit
+def mask_key_bounds(mask_base, stride_mn, lo, a, c, hi, MASK_KIND: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    """Where a key-vector mask matters among key blocks [lo, hi) whose interior is [a, c)
+    (``key_range``): (first, end), ``first`` the first interior block (``c`` if none) where
+    the mask changes a score, ``end`` the end of the last block with a key it does not hide
+    (``lo`` if none). Interior blocks before ``first`` can run as if there were no mask (a
+    right-padded batch pays the mask on its padded tail only) and blocks from ``end`` on
+    can be skipped (nothing of them is seen). Scanned SCAN keys at a time: forwards from
+    ``a`` to the first change, backwards from ``hi`` to the last visible key."""
+    offs = tl.arange(0, SCAN)
+    first = c
+    n = a
+    while (n < c) & (first == c):
+        idx = n + offs
+        inside = idx < c
+        mvals = tl.load(mask_base + idx * stride_mn, mask=inside, other=0)
+        changed = _changes(mvals, MASK_KIND) & inside
+        first = min_along(tl.where(changed, idx, c), 0)
+        n += SCAN
+    if first < c:
+        first = first // BLOCK_N * BLOCK_N
+    last = lo - 1
+    n = hi
+    while (n > lo) & (last < lo):
+        idx = n - SCAN + offs
+        inside = idx >= lo
+        mvals = tl.load(mask_base + idx * stride_mn, mask=inside, other=0)
+        seen = ~_hides(mvals, MASK_KIND) & inside
+        last = max_along(tl.where(seen, idx, lo - 1), 0)
+        n -= SCAN
+    end = tl.maximum((last + BLOCK_N) // BLOCK_N * BLOCK_N, lo)
+    return first, end
 
 
 @triton.jit
@@ -203,10 +292,9 @@ def finalize(acc, m_i, l_i):
 
 
 @triton.jit
-def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
-    """Key blocks seen by query rows [start_m, start_m + BLOCK_M), split in three ranges:
+def key_range(start_m, n_rows, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_N: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
+    """Key blocks seen by query rows [start_m, start_m + n_rows), split in three ranges:
     [lo, a) and [c, hi) need bounds masks, [a, c) needs none (whole blocks inside the band
     and inside the sequence). Blocks outside [lo, hi) are never visited."""
     diag = seqlen_k - seqlen_q
@@ -215,12 +303,12 @@ def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
     full_lo = 0
     full_hi = seqlen_k // BLOCK_N * BLOCK_N
     if BOUNDED_RIGHT:
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag + window_right, 0))
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m + n_rows + diag + window_right, 0))
         full_hi = tl.minimum(
             full_hi, tl.maximum(start_m + diag + window_right + 1, 0) // BLOCK_N * BLOCK_N)
     if BOUNDED_LEFT:
         lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
-        full_lo = (tl.maximum(start_m + BLOCK_M - 1 + diag - window_left, 0) + BLOCK_N - 1) \
+        full_lo = (tl.maximum(start_m + n_rows - 1 + diag - window_left, 0) + BLOCK_N - 1) \
             // BLOCK_N * BLOCK_N
     a = tl.minimum(tl.maximum(full_lo, lo), hi)
     c = tl.maximum(tl.minimum(full_hi, hi), a)

@@ -2,23 +2,26 @@
 
 ``attention_fwd_splitkv``: one program per (K/V split, batch*kv_head, row block). Its rows are
 (query head of the GQA group, query row) pairs, so the group's heads read each K/V tile once.
-It writes each split's normalised output and its lse.
+It writes each split's normalised output and its lse, or, when there is one split, the
+output itself.
 ``merge_splits``: one program per (batch*head, query row) combines the splits through their
-lse. Same scores and softmax step as the other kernels (``common.py``).
+lse (not launched for one split). Same scores and softmax step as the other kernels (``common.py``).
 """
 
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, attend_block, finalize, load_tile, max_along, sum_along
+from .common import LN2, LOG2E, attend_range, finalize, key_range, load_tile, max_along, sum_along
 
 
 @triton.jit
 def attention_fwd_splitkv(
-    Q, K, V, O_PART, LSE_PART, MASK, ALIBI,
+    Q, K, V, O_PART, LSE_PART, O, LSE, MASK, ALIBI,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
     H, GROUP, Sq, Sk, split_len, qk_scale, softcap, window_left, window_right,
@@ -26,10 +29,12 @@ def attention_fwd_splitkv(
     NUM_SPLITS: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """O_PART (B, H, NUM_SPLITS, Sq, BLOCK_D) and LSE_PART (B, H, NUM_SPLITS, Sq), float32,
-    contiguous. Row r < GROUP * Sq of a kv head is (head kvh * GROUP + r // Sq, query r % Sq)."""
+    contiguous; with one split the program writes O (B, H, Sq, D) and LSE (B, H, Sq) itself
+    and the partials are unused. Row r < GROUP * Sq of a kv head is (head kvh * GROUP + r //
+    Sq, query r % Sq)."""
     split = tl.program_id(0)
     pid = tl.program_id(1)
     rows0 = tl.program_id(2) * BLOCK_M
@@ -57,37 +62,49 @@ def attention_fwd_splitkv(
     if not MASK_KEYS_ONLY:
         mask_base = mask_base + head * stride_mh + offs_m.to(tl.int64) * stride_mm
 
-    # Keys of this split, cut to the band seen by rows 0..Sq-1.
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, Sk)
-    if BOUNDED_RIGHT:
-        hi = tl.minimum(hi, tl.maximum(Sq + diag + window_right, 0))
-    if BOUNDED_LEFT:
-        lo = tl.maximum(lo, tl.maximum(diag - window_left, 0) // BLOCK_N * BLOCK_N)
-
+    # The key band seen by rows 0..Sq-1 (``key_range``), cut to this split's keys: blocks of
+    # the interior run without bounds checks, the edges of the band and the tail with them.
+    lo, a, c, hi = key_range(0, Sq, Sq, Sk, window_left, window_right, BLOCK_N,
+                             BOUNDED_LEFT, BOUNDED_RIGHT)
+    split_lo = split * split_len
+    split_hi = split_lo + split_len
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    k_tile = k_base + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = v_base + offs_nb[:, None] * stride_vn + offs_d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
-        offs_n = start_n + offs_nb
-        k = load_tile(k_tile + n64 * stride_kn, offs_n, hi, offs_d, HEAD_DIM, True,
-                      BLOCK_D != HEAD_DIM)
-        v = load_tile(v_tile + n64 * stride_vn, offs_n, hi, offs_d, HEAD_DIM, True,
-                      BLOCK_D != HEAD_DIM)
-        acc, m_i, l_i = attend_block(
-            acc, m_i, l_i, q, k, v, offs_m, offs_n, Sq, hi, diag, window_left, window_right,
-            qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND, MASK_KEYS_ONLY,
-            HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION)
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_base, v_base, b, kvh, 0, tl.maximum(lo, split_lo),
+        tl.minimum(a, split_hi), offs_m, offs_nb, offs_d, stride_kn, stride_kd, stride_vn,
+        stride_vd, Sq, Sk, diag, window_left, window_right, qk_scale, softcap, slope,
+        mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY,
+        HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, False)
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_base, v_base, b, kvh, 0, tl.maximum(a, split_lo),
+        tl.minimum(c, split_hi), offs_m, offs_nb, offs_d, stride_kn, stride_kd, stride_vn,
+        stride_vd, Sq, Sk, diag, window_left, window_right, qk_scale, softcap, slope,
+        mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY,
+        HAS_SOFTCAP, HAS_ALIBI, False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, False)
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_base, v_base, b, kvh, 0, tl.maximum(c, split_lo),
+        tl.minimum(hi, split_hi), offs_m, offs_nb, offs_d, stride_kn, stride_kd, stride_vn,
+        stride_vd, Sq, Sk, diag, window_left, window_right, qk_scale, softcap, slope,
+        mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY,
+        HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, False)
 
     out, lse = finalize(acc, m_i, l_i)
-    part = ((b * H + head) * NUM_SPLITS + split) * Sq + offs_m  # [BM] row index in the parts
-    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=rows_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=rows_ok)
+    if NUM_SPLITS == 1:
+        o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + offs_m[:, None] * stride_om \
+            + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty),
+                 mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        if STORE_LSE:
+            tl.store(LSE + b * stride_lb + head * stride_lh + offs_m * stride_lm, lse,
+                     mask=rows_ok)
+    else:
+        part = ((b * H + head) * NUM_SPLITS + split) * Sq + offs_m  # [BM] row in the parts
+        tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=rows_ok[:, None])
+        tl.store(LSE_PART + part, lse, mask=rows_ok)
 
 
 @triton.jit

@@ -9,52 +9,16 @@ sequence and the batch stride is unused.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, MASK_NONE, attend_block, finalize, key_range, load_tile, unmasked_until
-
-
-@triton.jit
-def _load_kv(src, b, head, row0, start_n, offs_nb, offs_d, seqlen, stride_n, stride_d,
-             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
-    """The [BLOCK_N, BLOCK_D] K or V tile of key rows start_n.. of a sequence that starts at
-    row0. TMA mode: ``src`` is a (B, H, S, D) tensor descriptor (rows and columns out of the
-    tensor read as zeros; rows of a next packed sequence are masked by the scores); pointer
-    mode: ``src`` points at (b, head, row0) and bounds are checked where needed."""
-    if USE_TMA:
-        tile = src.load([b, head, row0 + start_n, 0]).reshape([BLOCK_N, BLOCK_D])
-    else:
-        ptrs = src + tl.cast(start_n, tl.int64) * stride_n \
-            + offs_nb[:, None] * stride_n + offs_d[None, :] * stride_d
-        tile = load_tile(ptrs, start_n + offs_nb, seqlen, offs_d, HEAD_DIM,
-                         CHECK_BOUNDS, BLOCK_D != HEAD_DIM)
-    return tile
-
-
-@triton.jit
-def _attend_range(
-    acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
-    stride_mn,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
-    BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """Fold key blocks [start, stop) into (acc, m_i, l_i); row0 is the first key row of the
-    sequence in K/V (non-zero for varlen)."""
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + offs_nb
-        k = _load_kv(k_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
-                     stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
-        v = _load_kv(v_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
-                     stride_vn, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
-        acc, m_i, l_i = attend_block(
-            acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
-            window_right, qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND,
-            MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
-            DOT_PRECISION)
-    return acc, m_i, l_i
+from .common import (
+    LOG2E,
+    MASK_NONE,
+    MASK_SCAN,
+    attend_range,
+    finalize,
+    key_range,
+    load_tile,
+    mask_key_bounds,
+)
 
 
 @triton.jit
@@ -131,14 +95,20 @@ def attention_fwd_v2(
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
-        lo, a, c, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                 BLOCK_M, BLOCK_N, BOUNDED_LEFT, BOUNDED_RIGHT)
+        lo, a, c, hi = key_range(start_m, BLOCK_M, seqlen_q, seqlen_k, window_left,
+                                 window_right, BLOCK_N, BOUNDED_LEFT, BOUNDED_RIGHT)
         # Leading blocks cut by the left edge of a window, then the interior that needs no
         # bounds mask, then the diagonal band and the sequence tail. A key-vector mask is
-        # skipped on the interior blocks before the first key it changes.
+        # skipped on the interior blocks before the first key it changes, and the blocks
+        # after the last key it lets through are not visited.
         if MASK_KEYS_ONLY and MASK_KIND != MASK_NONE:
-            free_hi = unmasked_until(mask_base, stride_mn, a, c, MASK_KIND, BLOCK_N)
-            acc, m_i, l_i = _attend_range(
+            free_hi, end = mask_key_bounds(mask_base, stride_mn, lo, a, c, hi, MASK_KIND,
+                                           BLOCK_N, MASK_SCAN)
+            hi = tl.minimum(hi, end)
+            c = tl.minimum(c, hi)
+            a = tl.minimum(a, hi)
+            free_hi = tl.minimum(free_hi, c)
+            acc, m_i, l_i = attend_range(
                 acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, a, free_hi, offs_m, offs_nb,
                 offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
                 window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
@@ -146,19 +116,19 @@ def attention_fwd_v2(
                 False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         else:
             free_hi = a
-        acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i = attend_range(
             acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
             True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-        acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i = attend_range(
             acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, free_hi, c, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
             False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-        acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i = attend_range(
             acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, c, hi, offs_m, offs_nb, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
             window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
