@@ -110,8 +110,9 @@ def peak_memory() -> str:
 
 
 def sweep_decode() -> None:
-    """Key-tile sizes and split counts of the split-KV kernel (for kernels/configs.py and
-    _launch._num_splits): GPU time from CUDA-graph replays, SDPA alongside."""
+    """Key-tile sizes, warps, stages and split counts of the split-KV kernel (for
+    kernels/configs.py and _launch._num_splits): GPU time from CUDA-graph replays, SDPA
+    alongside; the six best and the current default per point."""
     from kernels import _launch, _runtime
     from kernels.api import score_args
     from kernels.configs import TileConfig
@@ -128,17 +129,21 @@ def sweep_decode() -> None:
             sdpa = triton.testing.do_bench_cudagraph(
                 lambda q=q, k=k, v=v, g=kv_heads != H: F.scaled_dot_product_attention(
                     q, k, v, enable_gqa=g), return_mode="median")
-            res = [f"SDPA {sdpa * 1e3:.1f}"]
+            res = []
             sms = _runtime.multiprocessors(q.device)
-            for bn, per_sm in itertools.product((64, 128), (1, 2, 4, 8)):
-                cfg = TileConfig(64, bn, 4, 3)
+            for bn, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (2, 3, 4),
+                                                               (1, 2)):
+                cfg = TileConfig(64, bn, warps, stages)
                 splits = max(1, min(triton.cdiv(per_sm * sms, B * kv_heads),
                                     triton.cdiv(sk, 2 * bn)))
                 ms = triton.testing.do_bench_cudagraph(
                     lambda c=cfg, n=splits, q=q, k=k, v=v, o=out, a=args:
                     _launch.forward_splitkv(q, k, v, o, None, a, num_splits=n, config=c),
                     return_mode="median")
-                res.append(f"bn{bn}/{per_sm}perSM:{ms * 1e3:.1f}")
+                res.append((ms * 1e3, f"bn{bn}/w{warps}/s{stages}/{per_sm}perSM({splits})"))
+            res.sort()
+            res = [f"SDPA {sdpa * 1e3:.1f}"] + [f"{name}:{us:.1f}" for us, name in res[:6]] \
+                + [f"{name}:{us:.1f}" for us, name in res if name.startswith("bn64/w4/s3/1perSM")]
             print(f"Hkv={kv_heads} Sk={sk} (us): " + " ".join(res), flush=True)
 
 
