@@ -112,7 +112,8 @@ def peak_memory() -> str:
 def sweep_decode() -> None:
     """Key-tile sizes, warps, stages and split counts of the split-KV kernel (for
     kernels/configs.py and _launch._num_splits): GPU time from CUDA-graph replays, SDPA
-    alongside; the six best and the current default per point."""
+    alongside, and the library's own choice (configs table and split rule) as "default"; the
+    six best per point."""
     from kernels import _launch, _runtime
     from kernels.api import score_args
     from kernels.configs import TileConfig
@@ -129,6 +130,9 @@ def sweep_decode() -> None:
             sdpa = triton.testing.do_bench_cudagraph(
                 lambda q=q, k=k, v=v, g=kv_heads != H: F.scaled_dot_product_attention(
                     q, k, v, enable_gqa=g), return_mode="median")
+            default = triton.testing.do_bench_cudagraph(
+                lambda q=q, k=k, v=v, o=out, a=args:
+                _launch.forward_splitkv(q, k, v, o, None, a), return_mode="median")
             res = []
             sms = _runtime.multiprocessors(q.device)
             for bn, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (2, 3, 4),
@@ -142,8 +146,8 @@ def sweep_decode() -> None:
                     return_mode="median")
                 res.append((ms * 1e3, f"bn{bn}/w{warps}/s{stages}/{per_sm}perSM({splits})"))
             res.sort()
-            res = [f"SDPA {sdpa * 1e3:.1f}"] + [f"{name}:{us:.1f}" for us, name in res[:6]] \
-                + [f"{name}:{us:.1f}" for us, name in res if name.startswith("bn64/w4/s3/1perSM")]
+            res = [f"SDPA {sdpa * 1e3:.1f}", f"default {default * 1e3:.1f}"] \
+                + [f"{name}:{us:.1f}" for us, name in res[:6]]
             print(f"Hkv={kv_heads} Sk={sk} (us): " + " ".join(res), flush=True)
 
 
