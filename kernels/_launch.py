@@ -14,6 +14,7 @@ except ImportError:  # triton without host tensor descriptors: pointer kernels o
     TensorDescriptor = None
 
 from . import _runtime
+from ._counters import counters
 from .configs import TileConfig, tile_config
 
 LOG2E = math.log2(math.e)
@@ -218,15 +219,37 @@ def forward_v1(
         cfg.num_warps, cfg.num_stages)
 
 
+# Outside a CUDA-graph capture, caches shorter than this get one split: an eager decode step
+# is bound by host time, which a split's workspace and counters add to and its GPU time
+# saving cannot repay (benchmarks/NOTES.md, "Fused merge"). A power of two: the growing-cache
+# plans of kernels._plan are shared within power-of-two buckets of the key length.
+EAGER_SPLIT_MIN_K = 1024
+
+
 def _num_splits(device: torch.device, groups: int, seqlen_k: int, block_n: int) -> int:
-    """Enough splits for one program per multiprocessor, each at least two blocks long (H200
-    sweep of 2026-11-30 over 1, 2, 4 and 8 programs per multiprocessor: one was best or
-    within 1% of best at 5 of 6 decode points, benchmarks/NOTES.md)."""
-    if device.type == "cuda":
-        programs = _runtime.multiprocessors(device)
-    else:
-        programs = 4
-    return max(1, min(_cdiv(programs, groups), _cdiv(seqlen_k, 2 * block_n)))
+    """Splits of the split-KV kernel for ``groups`` (batch * kv heads) row tiles: at most one
+    per two key blocks; one when the tiles alone fill 80% of the multiprocessors; otherwise
+    the fewest whose programs fill their last wave at least 85% as well as the best count
+    does (flash-attn's rule; one program per multiprocessor a wave). The H200 sweep of
+    2026-11-30 (benchmarks/NOTES.md) measured 64 tiles: 2 splits (128 programs) 12.7, 69.9
+    us at 1k, 8k keys against 14.2, 70.2 for 3 (192 programs, the earlier rule); 256 tiles:
+    one split best. One split for an eager call on a cache shorter than
+    ``EAGER_SPLIT_MIN_K``; the CPU (interpreter) counts 4 multiprocessors."""
+    most = max(1, min(_cdiv(seqlen_k, 2 * block_n), 128))
+    if device.type != "cuda":
+        return min(_cdiv(4, groups), most)
+    if seqlen_k < EAGER_SPLIT_MIN_K and not torch.cuda.is_current_stream_capturing():
+        return 1
+    sms = _runtime.multiprocessors(device)
+    if groups >= 0.8 * sms:
+        return 1
+
+    def fill(splits: int) -> float:
+        waves = groups * splits / sms
+        return waves / math.ceil(waves)
+
+    best = max(fill(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if fill(s) >= 0.85 * best)
 
 
 def forward_splitkv(
@@ -234,45 +257,41 @@ def forward_splitkv(
     lse: torch.Tensor | None, args: ScoreArgs, *, num_splits: int | None = None,
     config: TileConfig | None = None,
 ) -> None:
-    """Split-KV kernel and merge; shapes as in ``forward_v2`` (no varlen). With more than one
+    """Split-KV kernel, one launch; shapes as in ``forward_v2`` (no varlen). With more than one
     split, allocates float32 partials of (B, H, splits, Sq, next_pow2(D)) and (B, H, splits,
-    Sq); one split writes ``out`` directly (no merge launch)."""
+    Sq), which the last split of each tile merges into ``out`` (``kernels._counters``)."""
     device = q.device
-    module = _runtime.kernel_module("decode", device)
+    kernel = _runtime.kernel_module("decode", device).attention_fwd_splitkv
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = H // Hkv
     block_d = _block_d(D)
     cfg = config or tile_config("splitkv", device, D, q.dtype, args.causal)
     block_m = min(cfg.block_m, max(16, _next_pow2(group * Sq)))
+    row_blocks = _cdiv(group * Sq, block_m)
     splits = num_splits or _num_splits(device, B * Hkv, Sk, cfg.block_n)
     split_len = _cdiv(_cdiv(Sk, splits), cfg.block_n) * cfg.block_n
     splits = _cdiv(Sk, split_len)
+    if splits == 1:  # unused: the launch arguments of a growing cache then differ only in
+        split_len = 0  # Sk and the k/v strides, and its calls share a plan (kernels._plan)
     lse, lse_strides, store_lse = _lse_arg(lse, out)
     if splits > 1:
         o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)
         lse_part = torch.empty((B, H, splits, Sq), device=device, dtype=torch.float32)
+        tiles = counters(device, B * Hkv * row_blocks)
     else:  # the one split writes out and lse itself
-        o_part = lse_part = lse
+        o_part = lse_part = tiles = lse
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
     values, flags = args.kernel_args()
     if args.attn_mask is not None:  # rows span heads here: keys-only needs no head stride
         flags["MASK_KEYS_ONLY"] = flags["MASK_KEYS_ONLY"] and mask_strides[1] == 0
     _runtime.launch(
-        module.attention_fwd_splitkv, (splits, B * Hkv, _cdiv(group * Sq, block_m)),
-        device,
-        (q, k, v, o_part, lse_part, out, lse, mask, alibi,
+        kernel, (splits, B * Hkv, row_blocks), device,
+        (q, k, v, o_part, lse_part, tiles, out, lse, mask, alibi,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides, *mask_strides,
          *alibi_strides, H, group, Sq, Sk, split_len, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
              NUM_SPLITS=splits, STORE_LSE=store_lse,
              DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
         cfg.num_warps, cfg.num_stages)
-    if splits > 1:
-        _runtime.launch(
-            module.merge_splits, (B * H, Sq), device,
-            (o_part, lse_part, out, lse, *out.stride(), *lse_strides, H, Sq),
-            dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                 BLOCK_S=_next_pow2(splits), STORE_LSE=store_lse),
-            4, 1)

@@ -21,20 +21,21 @@ no launch at all for empty inputs) is marked so and always runs the general path
 DynamicCache concatenates), so an exact signature would never repeat. Calls with at most
 ``FAMILY_MAX_Q`` query rows and contiguous k and v therefore share the plan of their *family*:
 the signature without the key length, keyed instead by the key length's power-of-two bucket
-(the selector's decode threshold, 1024, is a bucket edge) and by what Triton specialises on
-in the key length and the k/v strides (divisibility by 16, equality to 1: the bucket of 1,
-32-bit range): at most five families per bucket, by gcd(key length, 16). The
-kernel arguments that depend on the key length are found by recording the call a second time,
-without launching, on a 16-key probe cache (small whatever the cache: a probe as long as a
-large cache would double its memory for a moment): every integer argument that differs must
-be the key length or a k/v stride, linear in the key length as they all are (then it is read
-from the call's k on replay), and nothing else
-(grid, constexprs, workspace, other arguments) may differ. Only the V1 and V2 kernels qualify,
-whose arguments are those values themselves; the split-KV kernel's split lengths are step
-functions of the key length. The entry of a family that does not qualify is a ``ByLength``
-dict: the exact plans of its calls by key length (the family key fixes everything else, and
-the strides of contiguous K/V follow from the length), so those calls still cost one key and
-two dict lookups.
+(the selector's decode threshold, 128, and the launcher's eager one-split bound, 1024, are
+bucket edges) and by what Triton specialises on in the key length and the k/v strides
+(divisibility by 16, equality to 1: the bucket of 1, 32-bit range): at most five families per
+bucket, by gcd(key length, 16). The kernel arguments that depend on the key length are found
+by recording the call a second time with the same kernel variant, without launching, on a
+16-key probe cache (small whatever the cache: a probe as long as a large cache would double
+its memory for a moment): every integer argument that differs must be the key length or a
+k/v stride, linear in the key length as they all are (then it is read from the call's k on
+replay), and nothing else (grid, constexprs, workspace, other arguments) may differ. V1, V2
+and the split-KV kernel with one split qualify, whose arguments are those values
+themselves; with several splits the split count and length are step functions of the key
+length. The entry of a family that does not qualify is a ``ByLength`` dict: the exact plans
+of its calls by key length (the family key fixes everything else, and the strides of
+contiguous K/V follow from the length), so those calls still cost one key and two dict
+lookups.
 
 Plans are kept per process in a dict bounded by ``_MAX_PLANS`` (cleared when full). Recording
 is per thread.
@@ -48,17 +49,20 @@ from typing import NamedTuple
 
 import torch
 
+from ._counters import counters, is_counters
+
 _MAX_PLANS = 4096
 FAMILY_MAX_Q = 16  # query rows up to which calls on contiguous K/V share a growing-cache plan
-_FAMILY_VARIANTS = ("v1", "v2")
+_FAMILY_VARIANTS = ("v1", "v2", "splitkv")
 NOT_REPLAYABLE = object()  # a signature whose calls always take the general path
 _FAMILY = "family"  # marks a family key, at _FAMILY_AT (after the part common to all keys)
 _FAMILY_AT = 19
 _plans: dict[tuple, object] = {}
 _recording = threading.local()
 
-# tensor slots of a plan: the call's q, k, v, then its outputs; workspace slots follow
-_Q, _K, _V, _OUT, _LSE = range(5)
+# tensor slots of a plan: the call's q, k, v, its outputs, the zeroed counters of its
+# stream (``kernels._counters``); workspace slots follow
+_Q, _K, _V, _OUT, _LSE, _COUNTERS = range(6)
 
 
 class Step(NamedTuple):
@@ -80,12 +84,14 @@ class Step(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The launches of one call signature and what they need allocated."""
+    """The launches of one call signature and what they need allocated (``counters``: how
+    many zeroed counters, 0 for none)."""
 
     out_shape: tuple[int, ...]
     lse_shape: tuple[int, ...] | None
     workspace: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     steps: tuple[Step, ...]
+    counters: int = 0
 
 
 class ByLength(dict):
@@ -212,9 +218,10 @@ class Call(NamedTuple):
 def store(key: tuple, recorder: Recorder, call: Call,
           probe: tuple[Recorder, Call] | None = None) -> None:
     """Turn what ``recorder`` saw during ``call`` into the plan of ``key`` (from ``lookup``).
-    Tensor arguments are matched by identity to q, k and v, by data pointer to the fresh
-    outputs; any other tensor is workspace that the general path allocated, allocated again
-    (same shape and dtype, contiguous) on replay. For a family ``key``, ``probe`` is the dry
+    Tensor arguments are matched by identity to q, k, v and the counters of
+    ``kernels._counters``, by data pointer to the fresh outputs; any other tensor is workspace
+    that the general path allocated, allocated again (same shape and dtype, contiguous) on
+    replay. For a family ``key``, ``probe`` is the dry
     recording of the same call on a probe cache; a family that does not qualify becomes a
     ``ByLength`` entry holding this call's plan."""
     _put(key, _plan_of(recorder, call, probe))
@@ -242,6 +249,7 @@ def _plan_of(recorder: Recorder, call: Call, probe: tuple[Recorder, Call] | None
     steps: list[Step] = []
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
     slot_of = _slot_finder(call, shapes)
+    n_counters = 0
     for runner, grid, args, constexprs, num_warps, num_stages in launches:
         slots, template = [], list(args)
         for position, arg in enumerate(args):
@@ -252,12 +260,14 @@ def _plan_of(recorder: Recorder, call: Call, probe: tuple[Recorder, Call] | None
             slot = slot_of(arg)
             if slot is None:
                 return NOT_REPLAYABLE
+            if slot == _COUNTERS:
+                n_counters = max(n_counters, arg.numel())
             slots.append((position, slot))
             template[position] = None
         steps.append(Step(runner, grid, tuple(template), tuple(slots), constexprs, num_warps,
                           num_stages))
     plan = Plan(tuple(call.out.shape), None if call.lse is None else tuple(call.lse.shape),
-                tuple(shapes), tuple(steps))
+                tuple(shapes), tuple(steps), n_counters)
     if probe is None:
         return plan
     family = _family_plan(plan, recorder, call, *probe)
@@ -277,11 +287,13 @@ def _slot_finder(call: Call, shapes: list[tuple[tuple[int, ...], torch.dtype]]):
         slot = io.get(id(arg))
         if slot is None:
             slot = pointers.get(arg.data_ptr())
+        if slot is None and is_counters(arg):
+            slot = _COUNTERS
         if slot is None:
             if not arg.is_contiguous():
                 return None
             if id(arg) not in workspace:
-                workspace[id(arg)] = _LSE + 1 + len(shapes)
+                workspace[id(arg)] = _COUNTERS + 1 + len(shapes)
                 shapes.append((tuple(arg.shape), arg.dtype))
             slot = workspace[id(arg)]
         return slot
@@ -334,7 +346,7 @@ def replay(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch
     out = torch.empty(plan.out_shape, device=device, dtype=q.dtype)
     lse = (None if plan.lse_shape is None
            else torch.empty(plan.lse_shape, device=device, dtype=torch.float32))
-    tensors = [q, k, v, out, lse]
+    tensors = [q, k, v, out, lse, counters(device, plan.counters) if plan.counters else None]
     for shape, dtype in plan.workspace:
         tensors.append(torch.empty(shape, device=device, dtype=dtype))
     for step in plan.steps:

@@ -347,7 +347,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
         k_probe, v_probe = _plan.probe_cache(k_in, v_in, layout)
         kp, vp = ((x.transpose(1, 2) if layout == "bshd" else x) for x in (k_probe, v_probe))
         with _plan.Recorder(dry=True) as dry:
-            probe_out, probe_lse = _general(q, kp, vp, out_bshd, variant, causal,
+            probe_out, probe_lse = _general(q, kp, vp, out_bshd, recorder.variant, causal,
                                             softmax_scale, return_lse, None, window_size,
                                             softcap, None)
         probe = dry, _plan.Call(q, kp, vp, probe_out, probe_lse, k_probe)

@@ -1,13 +1,15 @@
 """BackendSelector: which kernel to run for a GPU and a shape.
 
 The rule (measured on an H100, see benchmarks/RESULTS.md):
-- "splitkv" (split-KV flash-decoding) for short query blocks against long caches:
-  seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K (DECODE_MIN_K_COMPILED when traced
-  by torch.compile, whose graphs, CUDA-graphed in static-cache generation, do not pay the
-  second launch's host cost that sets DECODE_MIN_K). A plain FlashAttention grid has one
-  program per 128 query rows, so a decode step would leave most multiprocessors idle; the
-  split-KV kernel read K/V at 2.9-3.1 TB/s at Sk = 32k (98-102% of the device copy
-  bandwidth) and matched SDPA from Sk = 8k (2026-11-24, H100).
+- "splitkv" (split-KV flash-decoding) for short query blocks against caches:
+  seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K. A plain FlashAttention grid has one
+  program per 128 query rows and reads each K/V head once per query head, so a decode step
+  would leave most multiprocessors idle (V2 took 2-5x the split-KV kernel's GPU time on
+  135- to 1000-key caches, H200 2026-11-30); the split-KV kernel read K/V at 96-105% of the
+  device copy bandwidth at Sk = 32k. Since its merge is fused (one launch at any split
+  count), it costs no more host time than V2, so the threshold is the same in eager mode and
+  in torch.compile graphs; how many splits it uses is the launcher's rule
+  (``kernels._launch._num_splits``).
 - otherwise "v2" (FlashAttention-2) on every GPU: it was faster than V1 at every benchmark
   shape (250-580 TFLOP/s against 4-67 on the H100), because V1's schedule parallelises over
   batch*heads only and round-trips its running output through a float32 workspace for
@@ -26,17 +28,13 @@ from . import _runtime
 from .api import attention
 
 DECODE_MAX_Q = 16
-DECODE_MIN_K = 1024
-
-
-DECODE_MIN_K_COMPILED = 128
+DECODE_MIN_K = 128
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose(capability: tuple[int, int], batch: int, heads: int, seq_len: int, seq_len_k: int,
-            head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool,
-            min_k: int = DECODE_MIN_K) -> str:
-    if seq_len <= DECODE_MAX_Q and seq_len_k >= min_k:
+            head_dim: int, kv_heads: int, dtype: torch.dtype, causal: bool) -> str:
+    if seq_len <= DECODE_MAX_Q and seq_len_k >= DECODE_MIN_K:
         return "splitkv"
     return "v2"
 
@@ -48,8 +46,7 @@ def choose_variant(device: torch.device, *, batch: int, heads: int, seq_len: int
     (traced without the cache under torch.compile, which would only warn about it)."""
     if torch.compiler.is_compiling():
         return _choose.__wrapped__(_runtime.capability(device), batch, heads, seq_len,
-                                   seq_len_k, head_dim, kv_heads, dtype, causal,
-                                   DECODE_MIN_K_COMPILED)
+                                   seq_len_k, head_dim, kv_heads, dtype, causal)
     return _choose(_runtime.capability(device), batch, heads, seq_len, seq_len_k, head_dim,
                    kv_heads, dtype, causal)
 

@@ -210,6 +210,30 @@ def test_split_kv_without_lse():
     assert_matches(out, ref, TOLERANCE[F32])
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("kv_heads, seqlen_q", [(4, 1), (2, 3)])
+def test_split_kv_merges_in_one_launch(splits, kv_heads, seqlen_q, monkeypatch):
+    """Several splits run as one launch: the last split of each tile merges them into the
+    NaN-filled output (rows of a window that no split sees give 0), and the counters are
+    left at zero for the next launch."""
+    from kernels import _counters, _launch, _runtime
+    from kernels.api import score_args
+
+    launches = spy_calls(monkeypatch, _runtime, ("launch",))
+    q, k, v = make_qkv(2, 4, seqlen_q, 150, 40, kv_heads=kv_heads)
+    for window in ((-1, -1), (20, 0), (0, 0)):
+        args = score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
+                          window_size=window, softcap=0.0, alibi_slopes=None)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:3], float("nan"))
+        _launch.forward_splitkv(q, k, v, out, lse, args, num_splits=splits)
+        ref, ref_lse = reference_attention(q, k, v, window_size=window)
+        assert_matches(out, ref, TOLERANCE[F32], what=f"window {window}")
+        assert_lse_matches(lse, ref_lse, TOLERANCE[F32])
+    assert launches == ["launch"] * 3
+    assert not _counters.counters(q.device, 1).any()
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_empty_sequences(api):
     """Sk = 0: every row sees no key (out 0, lse -inf); Sq = 0: empty outputs."""
@@ -636,16 +660,16 @@ def test_mask_rows_realigned_and_decode_masks_keys_only():
 
 
 def test_selector_decode_threshold_eager_and_compiled(monkeypatch):
-    """Split-KV decode from 1k keys in eager (its second launch costs host time), from 128
-    keys in a torch.compile graph (CUDA-graphed replays pay no host time)."""
+    """Split-KV decode from 128 keys and up to 16 query rows, the same in eager mode and in a
+    torch.compile graph (its merge is fused: one launch whatever the split count)."""
     from kernels.selector import choose_variant
 
     shape = dict(batch=1, heads=32, seq_len=1, seq_len_k=384, head_dim=64, kv_heads=8,
                  dtype=F16, causal=False)
     cpu = torch.device("cpu")
-    assert choose_variant(cpu, **shape) == "v2"
-    assert choose_variant(cpu, **{**shape, "seq_len_k": 4096}) == "splitkv"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert choose_variant(cpu, **shape) == "splitkv"
-    assert choose_variant(cpu, **{**shape, "seq_len_k": 100}) == "v2"
-    assert choose_variant(cpu, **{**shape, "seq_len": 17}) == "v2"
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        assert choose_variant(cpu, **shape) == "splitkv"
+        assert choose_variant(cpu, **{**shape, "seq_len_k": 128, "seq_len": 16}) == "splitkv"
+        assert choose_variant(cpu, **{**shape, "seq_len_k": 127}) == "v2"
+        assert choose_variant(cpu, **{**shape, "seq_len": 17}) == "v2"

@@ -40,14 +40,10 @@ def test_replay_equals_the_general_path(name, layout, run, return_lse, monkeypat
     q, k, v = make_qkv(2, 4, 3 if name == "splitkv" else 17, 40, 24, dtype=F16, layout=layout,
                        kv_heads=2)
     run(q, k, v, **options)
-    # split-KV (3 query rows): also the dry probe of its growing-cache family, which does not
-    # qualify (its entry keeps plans by key length)
+    # split-KV (3 query rows, one split here): also the dry probe of its growing-cache family
     recorded = 2 if name == "splitkv" else 1
     assert len(calls) == recorded
     [entry] = _plan._plans.values()
-    if name == "splitkv":
-        assert type(entry) is _plan.ByLength and list(entry) == [k.shape[2]]
-        [entry] = entry.values()
     assert isinstance(entry, _plan.Plan)
     q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
     replayed = run(q2, k2, v2, **options)
@@ -62,6 +58,29 @@ def test_replay_equals_the_general_path(name, layout, run, return_lse, monkeypat
     ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True, window_size=(6, 0),
                                  softcap=3.0, softmax_scale=0.3)
     assert_matches(replayed[0] if return_lse else replayed, ref, TOLERANCE[F16])
+
+
+def test_a_split_kv_plan_takes_the_counters_of_its_stream(monkeypatch):
+    """A split-KV call with several splits records the counters as their own slot (never as
+    workspace, which replays would allocate uninitialised): replays read the zeroed
+    counters and give what the general path gives."""
+    from kernels import _counters
+
+    calls = _forward_calls(monkeypatch)
+    q, k, v = make_qkv(1, 4, 1, 300, 24, dtype=F16, kv_heads=1)
+    run = SelectedKernel("splitkv")
+    run(q, k, v)
+    [entry] = _plan._plans.values()
+    [plan] = entry.values()
+    assert plan.counters > 0 and len(plan.steps) == 1
+    assert any(slot == _plan._COUNTERS for _, slot in plan.steps[0].slots)
+    for _ in range(2):
+        q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
+        replayed = run(q2, k2, v2)
+        assert len(calls) == 2, "the call did not replay"
+        ref, _ = reference_attention(q2, k2, v2)
+        assert_matches(replayed, ref, TOLERANCE[F16])
+    assert not _counters.counters(q.device, plan.counters).any()
 
 
 def test_a_plan_recorded_on_one_tensor_reads_three():
@@ -175,7 +194,9 @@ def test_the_plan_store_is_bounded(monkeypatch):
         q, k, v = make_qkv(1, 1, _plan.FAMILY_MAX_Q + 1, sk, 16, dtype=F16)
         flash_attention(q, k, v, variant="v2")
     assert 1 <= len(_plan._plans) <= 2
-    _growing_cache(ENTRY_POINTS[4][2], "bhsd", (41, 43, 45, 47))  # split-KV: plans by length
+    for sk in (41, 43, 45, 47):  # split-KV with several splits: plans by key length
+        q, k, v = make_qkv(1, 2, 1, sk, 16, dtype=F16, kv_heads=1)
+        SelectedKernel("splitkv")(q, k, v)
     by_length = [e for e in _plan._plans.values() if type(e) is _plan.ByLength]
     assert len(by_length) == 1 and 1 <= len(by_length[0]) <= 2
 
@@ -191,7 +212,7 @@ def _growing_cache(run, layout: str, lengths, device="cpu", dtype=F16, head_dim=
     return calls
 
 
-GROWING = [entry for entry in ENTRY_POINTS if entry[0] != "splitkv"]
+GROWING = ENTRY_POINTS  # split-KV: one split at these sizes
 
 
 def _count_launches(monkeypatch) -> list[int]:
@@ -255,12 +276,16 @@ def test_the_probe_cache_is_small_whatever_the_cache(layout):
 
 
 def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
-    """Split-KV launches depend on the key length through their split lengths, so its family
-    keeps a plan per key length (ByLength); non-contiguous caches (a slice of a static cache)
-    and calls with more than FAMILY_MAX_Q query rows never form a family."""
+    """Split-KV launches with several splits depend on the key length through their split
+    count and length, so its family keeps a plan per key length (ByLength); non-contiguous
+    caches (a slice of a static cache) and calls with more than FAMILY_MAX_Q query rows never
+    form a family."""
     calls = _forward_calls(monkeypatch)
     run = ENTRY_POINTS[4][2]
-    first = _growing_cache(run, "bhsd", (41, 43, 43))
+    first = []
+    for sk in (41, 43, 43):  # one kv head: two splits on the interpreter's 4 "multiprocessors"
+        q, k, v = make_qkv(1, 2, 3, sk, 40, dtype=F16, kv_heads=1)
+        first.append((q, k, v, run(q, k, v, causal=True, softcap=2.0)))
     assert len(calls) == 2 + 1  # 41: recorded and probed; 43: recorded; 43 again: replayed
     [entry] = _plan._plans.values()
     assert type(entry) is _plan.ByLength and sorted(entry) == [41, 43]
@@ -280,8 +305,8 @@ def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, layout, run", ENTRY_POINTS, ids=IDS)
 def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_device):
-    """On CUDA a replay calls the compiled kernels' launchers directly (split-KV: two
-    launches sharing their workspace; V1: its float32 workspace)."""
+    """On CUDA a replay calls the compiled kernels' launchers directly (split-KV: several
+    splits, its workspace and its stream's counters; V1: its float32 workspace)."""
     calls = _forward_calls(monkeypatch)
     sq, sk = (1, 3000) if name in ("splitkv", "auto") else (100, 300)
     q, k, v = make_qkv(2, 8, sq, sk, 128, dtype=torch.bfloat16, layout=layout, kv_heads=2,

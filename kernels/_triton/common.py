@@ -226,6 +226,41 @@ def attend_range(
 
 
 @triton.jit
+def attend_band(
+    acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r0, r1, r2, r3, r4, r5, offs_m, offs_nb,
+    offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+    seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
+    stride_mn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """``attend_range`` over a band of key blocks from ``key_range``: [r0, r1) and [r4, r5)
+    with bounds masks (the band's edges and the sequence tail), [r2, r3) without (its
+    interior)."""
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r0, r1, offs_m, offs_nb, offs_d,
+        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
+        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
+        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT,
+        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r2, r3, offs_m, offs_nb, offs_d,
+        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
+        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
+        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, False, BOUNDED_LEFT,
+        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r4, r5, offs_m, offs_nb, offs_d,
+        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
+        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
+        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT,
+        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _changes(mvals, MASK_KIND: tl.constexpr):
     """Where a key-vector mask changes a score: a False of a bool mask, a non-zero of a float
     mask."""

@@ -13,6 +13,7 @@ from .common import (
     LOG2E,
     MASK_NONE,
     MASK_SCAN,
+    attend_band,
     attend_range,
     finalize,
     key_range,
@@ -116,24 +117,12 @@ def attention_fwd_v2(
                 False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         else:
             free_hi = a
-        acc, m_i, l_i = attend_range(
-            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, offs_m, offs_nb, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
-            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+        acc, m_i, l_i = attend_band(
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, free_hi, c, c, hi, offs_m,
+            offs_nb, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
+            diag, window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-        acc, m_i, l_i = attend_range(
-            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, free_hi, c, offs_m, offs_nb, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
-            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
-            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-        acc, m_i, l_i = attend_range(
-            acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, c, hi, offs_m, offs_nb, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
-            window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
-            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            True, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+            BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
 
         out, lse = finalize(acc, m_i, l_i)
         o_base = O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
