@@ -35,6 +35,7 @@ lane1() {
             --out "$out/RESULTS_lane1.md" --json "$out/attention_${short}.json"
     done
     timeout 120 python3 benchmarks/bench_features.py --out "$out/RESULTS_lane1.md"
+    timeout 90 python3 benchmarks/bench_features.py --short-decode
     timeout 120 python3 benchmarks/bench_encoder.py --out "$out/RESULTS_lane1.md"
     [ "$parts" = kernels ] || \
         timeout 240 python3 benchmarks/bench_hf.py --models gpt2 --out "$out/RESULTS_lane1.md"
