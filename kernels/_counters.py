@@ -3,10 +3,10 @@ them (the split-KV kernel: the last split of a tile merges it).
 
 Every kernel leaves the counters it used at zero, so one buffer serves all the launches of a
 stream, which run one after another: no memset per call. One buffer per (device, stream), so
-that kernels of two streams never share a counter. Buffers are allocated and zeroed on a side
-stream: the allocations of the current stream may be routed to a CUDA-graph memory pool
-(torch.compile's CUDA-graph trees warm up that way), which must not hold a tensor kept here.
-A launch being captured into a CUDA graph gets counters of its own, zeroed by a memset
+that kernels of two streams never share a counter. Buffers are allocated and zeroed by a
+helper thread: the allocations of the calling thread may be routed to a CUDA-graph memory
+pool (torch.compile's CUDA-graph trees warm up that way), which must not hold a tensor kept
+here. A launch being captured into a CUDA graph gets counters of its own, zeroed by a memset
 captured with it (the graph owns them, and its replays cannot meet an eager launch's).
 """
 
@@ -45,22 +45,37 @@ def counters(device: torch.device, size: int) -> torch.Tensor:
         with _lock:
             buffer = _buffers.get(key)
             if buffer is None or buffer.numel() < size:
-                buffer = _zeroed(device, max(size, _MIN_SIZE))
+                where = device if device.type != "cuda" else torch.device("cuda", key[0])
+                buffer = _zeroed(where, max(size, _MIN_SIZE))
                 _buffers[key] = buffer
     return buffer
 
 
 def _zeroed(device: torch.device, size: int) -> torch.Tensor:
-    """``size`` int32 zeros allocated and filled on a side stream (CPU: plainly); the current
-    stream waits for the fill and is recorded as a user, so that a replaced buffer is not
-    reused before the launches of this stream that read it have run."""
+    """``size`` int32 zeros on ``device`` (CUDA: an explicit index), allocated and filled by a
+    helper thread on the device's default stream: torch (2.8 and later) routes every
+    allocation of a thread that warms up a CUDA graph of torch.compile's graph trees to the
+    graphs' memory pool, which must hold no tensor kept here. The current stream waits for the
+    fill and is recorded as a user, so that a replaced buffer is not reused before the
+    launches of this stream that read it have run."""
     if device.type != "cuda":
         return torch.zeros(size, dtype=torch.int32, device=device)
+    made: list = []
+
+    def work() -> None:
+        try:
+            made.append(torch.zeros(size, dtype=torch.int32, device=device))
+        except BaseException as error:  # re-raised in the caller's thread
+            made.append(error)
+
+    helper = threading.Thread(target=work)
+    helper.start()
+    helper.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    buffer = made[0]
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    with torch.cuda.stream(side):
-        buffer = torch.zeros(size, dtype=torch.int32, device=device)
-    current.wait_stream(side)
+    current.wait_stream(torch.cuda.default_stream(device))
     buffer.record_stream(current)
     return buffer
 
