@@ -121,12 +121,19 @@ def peak_memory() -> str:
     return line
 
 
+def _plain_args(q: torch.Tensor, k: torch.Tensor):
+    """The launchers' score arguments of a plain non-causal call (for calling them directly)."""
+    from kernels.api import score_args
+
+    return score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
+                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+
+
 def sweep_decode() -> None:
     """Split counts and key tiles of the split-KV kernel (for kernels/configs.py and
     _launch._num_splits): GPU time from CUDA-graph replays, SDPA alongside, and the library's
     own choice (configs table and split rule) as "default"; the eight best per point."""
     from kernels import _launch
-    from kernels.api import score_args
     from kernels.configs import TileConfig
 
     B, H, D = 8, 32, 128
@@ -136,8 +143,7 @@ def sweep_decode() -> None:
             q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.float16)
             k = torch.randn(B, kv_heads, sk, D, device="cuda", dtype=torch.float16)
             v = torch.randn_like(k)
-            args = score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+            args = _plain_args(q, k)
             out = torch.empty_like(q)
             sdpa = triton.testing.do_bench_cudagraph(
                 lambda q=q, k=k, v=v, g=kv_heads != H: F.scaled_dot_product_attention(
@@ -186,10 +192,8 @@ def short_decode() -> None:
 def _short_decode_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
     """auto, V2, split-KV with one split and with its split rule, SDPA."""
     from kernels import _launch
-    from kernels.api import score_args
 
-    args = score_args(q, k, causal=False, softmax_scale=None, attn_mask=None,
-                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+    args = _plain_args(q, k)
     out = torch.empty_like(q)
     return [lambda: flash_attention(q, k, v, variant="auto"),
             lambda: flash_attention(q, k, v, variant="v2"),

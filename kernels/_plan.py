@@ -53,7 +53,6 @@ from ._counters import counters, is_counters
 
 _MAX_PLANS = 4096
 FAMILY_MAX_Q = 16  # query rows up to which calls on contiguous K/V share a growing-cache plan
-_FAMILY_VARIANTS = ("v1", "v2", "splitkv")
 NOT_REPLAYABLE = object()  # a signature whose calls always take the general path
 _FAMILY = "family"  # marks a family key, at _FAMILY_AT (after the part common to all keys)
 _FAMILY_AT = 19
@@ -180,7 +179,7 @@ class Recorder:
     what a replay needs (None where it cannot replay), in ``calls`` each launch as the
     launcher asked for it (kernel, grid, args, constexprs, num_warps, num_stages). A ``dry``
     recorder's launches are recorded in ``calls`` only, never run. ``variant`` is the
-    kernel variant the general path ran."""
+    kernel variant the general path ran (a family's probe runs the same one)."""
 
     def __init__(self, dry: bool = False) -> None:
         self.dry = dry
@@ -305,7 +304,7 @@ def _family_plan(plan: Plan, recorder: Recorder, call: Call, probe: Recorder,
                  probe_call: Call) -> Plan | None:
     """``plan`` with its key-length arguments read from each call's k, or None when
     the recorded call does not qualify (see the module docstring)."""
-    if recorder.variant not in _FAMILY_VARIANTS or len(probe.calls) != len(recorder.calls):
+    if len(probe.calls) != len(recorder.calls):
         return None
     probe_shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
     probe_slot = _slot_finder(probe_call, probe_shapes)
