@@ -29,10 +29,13 @@ def main() -> None:
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="batch * seq_len (batch at least 1): 32k for the benchmark grids, "
+                        "a sequence length for batch-1 (small-grid) shapes")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     for causal, D, S in itertools.product([c == "true" for c in a.causal], a.head_dims, a.seqs):
-        H, B = 2048 // D, max(1, 32768 // S)
+        H, B = 2048 // D, max(1, a.tokens // S)
         q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
         flops = 4 * B * H * S * S * D * (0.5 if causal else 1)

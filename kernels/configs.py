@@ -27,18 +27,20 @@ class TileConfig:
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 # (variant, is_fp32, causal) -> [(head_dim upper bound, config)]: the first row whose bound is
-# >= head_dim wins. fp16/bf16 V2 rows: best of the 2026-11-24 H100 sweep (benchmarks/NOTES.md),
-# triton 3.6, tensor descriptors; the float32 and V1 rows are sized to fit shared memory.
+# >= head_dim wins. fp16/bf16 V2 rows: best of the 2026-11-24 H100 sweep at head_dim <= 128 and
+# of the 2026-11-30 H200 sweep at 256 (128x64 tiles, 8 warps: 0.71-0.83x cuDNN against
+# 0.55-0.67x for the 64x64 tile before; benchmarks/NOTES.md), triton 3.6, tensor descriptors;
+# the float32 and V1 rows are sized to fit shared memory.
 _CUDA_TABLE: dict[tuple[str, bool, bool], list[tuple[int, TileConfig]]] = {
     ("v2", False, False): [
         (64, TileConfig(128, 128, 4, 3)),
         (128, TileConfig(128, 128, 8, 3)),
-        (256, TileConfig(64, 64, 4, 2)),
+        (256, TileConfig(128, 64, 8, 2)),
     ],
     ("v2", False, True): [
         (64, TileConfig(128, 128, 4, 3)),
         (128, TileConfig(128, 128, 8, 3)),
-        (256, TileConfig(64, 64, 4, 2)),
+        (256, TileConfig(128, 64, 8, 3)),
     ],
 }
 for _causal in (False, True):
@@ -70,14 +72,22 @@ for _causal in (False, True):
     ]
 
 
-# Causal fp16/bf16 V2 at head_dim <= 64 on small grids (batch-1 prefill of GPT-2 or Llama):
-# (programs of 128 query rows per multiprocessor below the bound, config). 128-row blocks
-# leave the causal triangle in a few large, unequal programs; 64-row blocks balance it.
-# H200 sweep of 2026-11-30 against the table's (128, 128, 4, 3), as a fraction of cuDNN:
-# B1 H12 S2k 0.64 -> 0.91 (64x64), B1 H32/8 S2k 0.68 -> 0.87 (64x64), B1 H12 S8k 0.90 ->
-# 0.99 (64x128), B1 H32/8 S8k 0.94 -> 0.96 (64x128); from 16 programs per multiprocessor
-# (B4 H32 S8k: 62) the table's tile was best (benchmarks/NOTES.md).
-_SMALL_CAUSAL_GRID = [(4, TileConfig(64, 64, 4, 3)), (16, TileConfig(64, 128, 4, 3))]
+# Causal fp16/bf16 V2 on small grids (batch-1 prefill): head_dim upper bound -> [(programs of
+# 128 query rows per multiprocessor below the bound, config)]. 128-row blocks leave the causal
+# triangle in a few large, unequal programs; 64-row blocks balance it. H200 sweeps of
+# 2026-11-30 against the table's tile, as a fraction of cuDNN (benchmarks/NOTES.md):
+# - head_dim 64: B1 H12 S2k 0.64 -> 0.91 (64x64), B1 H32/8 S2k 0.68 -> 0.87 (64x64), B1 H12
+#   S8k 0.90 -> 0.99 (64x128), B1 H32/8 S8k 0.94 -> 0.96 (64x128); from 16 programs per
+#   multiprocessor (B4 H32 S8k: 62) the table's tile was best;
+# - head_dim 128: B1 H16 S2k (1.9 per multiprocessor) 0.75 -> 0.86 (64x64); at S8k (7.8) the
+#   table's tile stayed best (0.94 against 0.88);
+# - head_dim 256: B1 H8 S2k (1.0) 0.62 -> 0.65, S8k (3.9) 0.81 -> 0.92 (64x64); at 15.5 per
+#   multiprocessor (B16 S2k, B4 S8k) the table's tile was best (0.81-0.82 against 0.76-0.80).
+_SMALL_CAUSAL_GRID: list[tuple[int, list[tuple[float, TileConfig]]]] = [
+    (64, [(4, TileConfig(64, 64, 4, 3)), (16, TileConfig(64, 128, 4, 3))]),
+    (128, [(4, TileConfig(64, 64, 4, 3))]),
+    (256, [(8, TileConfig(64, 64, 4, 3))]),
+]
 
 
 def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.dtype,
@@ -88,9 +98,10 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     fp32 = dtype == torch.float32
-    if variant == "v2" and causal and not fp32 and head_dim <= 64 and blocks_128:
+    if variant == "v2" and causal and not fp32 and blocks_128:
         per_multiprocessor = blocks_128 / multiprocessors(device)
-        for bound, cfg in _SMALL_CAUSAL_GRID:
+        rules = next((rules for bound, rules in _SMALL_CAUSAL_GRID if head_dim <= bound), [])
+        for bound, cfg in rules:
             if per_multiprocessor < bound:
                 return cfg
     rows = _CUDA_TABLE[(variant, fp32, causal)]
@@ -98,3 +109,16 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
         if head_dim <= bound:
             return cfg
     raise ValueError(f"head_dim must be <= 256, got {head_dim}")
+
+
+def splitkv_stages(cfg: TileConfig, device: torch.device, head_dim: int, dtype: torch.dtype,
+                   programs: int) -> TileConfig:
+    """The split-KV configuration for a grid of ``programs``: with at most one program per
+    multiprocessor (fp16/bf16, head_dim <= 128), one stage more, since each program alone then
+    keeps the multiprocessor's loads in flight. H200, 2026-11-30 (B8 H32 Hkv8 D128, 2 splits:
+    128 programs): 80.0 -> 79.1 us at 8k keys, 266.7 -> 256.4 at 32k; at Hkv 32 (256
+    programs) 3 stages stayed best (255.7 against 257.3 us at 8k; benchmarks/NOTES.md)."""
+    if (device.type != "cuda" or dtype == torch.float32 or head_dim > 128
+            or programs > multiprocessors(device)):
+        return cfg
+    return TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages + 1)

@@ -538,8 +538,8 @@ def _constexprs(head_dim, block_m, block_n, **overrides):
 
 
 # (dtype, mask pointer type, constexprs, tensor descriptors, num_warps, num_stages), tiles
-# and warps as in kernels/configs.py's H100 table: plain; every feature; float32 with TF32;
-# the TMA (tensor descriptor) path, plain and with every feature.
+# and warps as in kernels/configs.py's table: plain; every feature; float32 with TF32;
+# the TMA (tensor descriptor) path, plain, with every feature and with the head_dim-256 tile.
 _V2_COMPILES = [
     ("fp16", "*fp16", _constexprs(64, 128, 64, IS_VARLEN=False, STORE_LSE=False), False, 4, 3),
     ("bf16", "*bf16", _constexprs(80, 128, 64, IS_VARLEN=True, BOUNDED_LEFT=True,
@@ -552,6 +552,7 @@ _V2_COMPILES = [
     ("bf16", "*fp32", _constexprs(40, 128, 64, IS_VARLEN=True, BOUNDED_LEFT=True,
                                   BOUNDED_RIGHT=True, MASK_KIND=2, MASK_KEYS_ONLY=True,
                                   HAS_SOFTCAP=True, HAS_ALIBI=True), True, 4, 3),
+    ("fp16", "*fp16", _constexprs(256, 128, 64, IS_VARLEN=False, STORE_LSE=False), True, 8, 2),
 ]
 _V1_COMPILES = [
     ("fp16", "*fp16", _constexprs(64, 64, 64, STORE_LSE=False), False, 4, 1),

@@ -146,13 +146,18 @@ def test_a_profiler_hook_gets_tritons_own_runner(monkeypatch):
     (1, 32, 8192, 40, True, torch.bfloat16, (64, 128)),  # 2048 (15.5 per SM)
     (4, 32, 8192, 64, True, torch.float16, (128, 128)),  # 8192: the table's tile
     (1, 12, 2048, 64, False, torch.float16, (128, 128)),  # not causal: the table
-    (1, 12, 2048, 128, True, torch.float16, (128, 128)),  # head_dim 128: the table
+    (1, 12, 2048, 128, True, torch.float16, (64, 64)),  # head_dim 128: 192 (1.5 per SM)
+    (1, 16, 8192, 128, True, torch.bfloat16, (128, 128)),  # 1024 (7.8 per SM): the table
+    (1, 8, 8192, 256, True, torch.float16, (64, 64)),  # head_dim 256: 512 (3.9 per SM)
+    (4, 8, 8192, 256, True, torch.bfloat16, (128, 64)),  # 2048 (15.5 per SM): the table
+    (1, 8, 2048, 256, False, torch.float16, (128, 64)),  # not causal: the table
     (1, 12, 2048, 64, True, torch.float32, (64, 64)),  # float32: its own table row
 ])
 def test_small_causal_grids_take_64_row_query_blocks(batch, heads, seqlen, head_dim, causal,
                                                      dtype, want, monkeypatch):
     """The V2 tile rule on a 132-multiprocessor GPU (kernels.configs): 64-row query blocks
-    for causal fp16/bf16 calls at head_dim <= 64 whose 128-row grid would be small."""
+    for causal fp16/bf16 calls whose 128-row grid would be small (below 4 programs per
+    multiprocessor at head_dim <= 128, 8 at 256; 64x128 tiles up to 16 at head_dim <= 64)."""
     from kernels import configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
@@ -161,3 +166,21 @@ def test_small_causal_grids_take_64_row_query_blocks(batch, heads, seqlen, head_
     assert (cfg.block_m, cfg.block_n) == want
     if dtype == torch.float32:  # the float32 row, whatever the grid
         assert cfg == configs.tile_config("v2", DEVICE, head_dim, dtype, causal)
+
+
+def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch):
+    """kernels.configs.splitkv_stages on a 132-multiprocessor GPU: one stage more for fp16/bf16
+    at head_dim <= 128 when the grid has at most one program per multiprocessor (GQA decode
+    with two splits, 128 programs), the table's stages otherwise."""
+    from kernels import configs
+
+    monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    base = configs.tile_config("splitkv", cuda, 128, torch.float16, False)
+    deeper = configs.splitkv_stages(base, cuda, 128, torch.bfloat16, 128)
+    assert deeper == configs.TileConfig(base.block_m, base.block_n, base.num_warps,
+                                        base.num_stages + 1)
+    assert configs.splitkv_stages(base, cuda, 128, torch.float16, 133) == base
+    assert configs.splitkv_stages(base, cuda, 128, torch.float32, 64) == base
+    assert configs.splitkv_stages(base, cuda, 256, torch.float16, 64) == base
+    assert configs.splitkv_stages(base, torch.device("cpu"), 128, torch.float16, 4) == base
