@@ -2,9 +2,10 @@
 
 CPU tensors run through Triton's interpreter, where one small configuration is used (no
 autotuning: every program runs one after another). CUDA configurations come from the table
-below, measured on an H100, and the small-grid rule for causal V2, measured on an H200 (see
-benchmarks/NOTES.md); other GPUs use the same rules, whose tiles fit the shared memory of
-Ampere and newer.
+below (V2 at head_dim <= 128 measured on an H100; head_dim 256 and split-KV on an H200), the
+small-grid rule for causal V2 and the split-KV stage rule (``splitkv_stages``), both measured
+on an H200 (see benchmarks/NOTES.md); other GPUs use the same rules, whose tiles fit the
+shared memory of Ampere and newer.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ for _causal in (False, True):
     # Split-KV decode: memory-bound; block_m is the cap on (GQA group x query rows) per tile.
     # 64-key tiles, 3 stages, with one program per multiprocessor (_launch._num_splits): best
     # of the 2026-11-30 H200 sweep at 4 of its 6 points (B8 H32 Hkv 32/8, Sk 1k/8k/32k, D128)
-    # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md)
+    # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md); one stage more where the grid
+    # has at most one program per multiprocessor (splitkv_stages)
     _CUDA_TABLE[("splitkv", False, _causal)] = [
         (128, TileConfig(64, 64, 4, 3)),
         (256, TileConfig(32, 32, 4, 2)),
