@@ -65,6 +65,7 @@ _HANDLED_KWARGS = frozenset({
     "is_causal", "sliding_window", "softcap", "output_attentions", "cu_seq_lens_q",
     "cu_seq_lens_k",
 })
+_KNOWN_KWARGS = _HARMLESS_KWARGS | _HANDLED_KWARGS
 
 
 # ----------------------------------------------------------------------------- attention
@@ -125,9 +126,8 @@ def _check_call(module: torch.nn.Module, query: torch.Tensor,
     """Refuse what the kernels would compute differently from the model's intent (shape and
     kwarg checks only: no host synchronisation)."""
     layer = type(module).__name__
-    unknown = sorted(name for name, value in kwargs.items()
-                     if value is not None and name not in _HARMLESS_KWARGS
-                     and name not in _HANDLED_KWARGS)
+    unknown = sorted(name for name in kwargs
+                     if name not in _KNOWN_KWARGS and kwargs[name] is not None)
     if unknown:
         raise ValueError(
             f"{ATTN_IMPLEMENTATION} attention cannot honour keyword argument(s) {unknown} "

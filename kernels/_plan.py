@@ -342,12 +342,17 @@ def replay(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch
     output (and lse, workspace), launch every step with ``launch_step(step, device, args)``
     (``kernels._runtime.replay_launch``). Returns (out, lse or None)."""
     device = q.device
-    out = torch.empty(plan.out_shape, device=device, dtype=q.dtype)
-    lse = (None if plan.lse_shape is None
-           else torch.empty(plan.lse_shape, device=device, dtype=torch.float32))
+    out = q.new_empty(plan.out_shape)
+    lse = None if plan.lse_shape is None else q.new_empty(plan.lse_shape, dtype=torch.float32)
     tensors = [q, k, v, out, lse, counters(device, plan.counters) if plan.counters else None]
     for shape, dtype in plan.workspace:
-        tensors.append(torch.empty(shape, device=device, dtype=dtype))
+        tensors.append(q.new_empty(shape, dtype=dtype))
+    if device.type == "cuda":
+        # Triton's launcher takes a pointer given as an int as it is; for a tensor it calls
+        # data_ptr() and asks the driver about the pointer, per argument (about 1.4 us of a
+        # GPT-2 decode call's 7.5 us launch on the H200 host; benchmarks/NOTES.md). The
+        # general path that recorded the plan checked the devices.
+        tensors = [None if t is None else t.data_ptr() for t in tensors]
     for step in plan.steps:
         args = list(step.args)
         for position, slot in step.slots:

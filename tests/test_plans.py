@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import kernels._launch as launch
-from kernels import _plan, flash_attention, flash_attention_v2
+from kernels import _plan, _runtime, flash_attention, flash_attention_v2
 from kernels.selector import SelectedKernel
 from tests.reference import TOLERANCE, assert_matches, reference_attention
 from tests.test_kernels import F16, F32, _strided, make_qkv, spy_calls
@@ -305,8 +306,9 @@ def test_split_kv_and_other_calls_use_exact_plans(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, layout, run", ENTRY_POINTS, ids=IDS)
 def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_device):
-    """On CUDA a replay calls the compiled kernels' launchers directly (split-KV: several
-    splits, its workspace and its stream's counters; V1: its float32 workspace)."""
+    """On CUDA a replay calls the compiled kernels' launchers directly, with pointers passed
+    as ints (split-KV: several splits, its workspace and its stream's counters; V1: its
+    float32 workspace); under triton 3.6, their C launch functions."""
     calls = _forward_calls(monkeypatch)
     sq, sk = (1, 3000) if name in ("splitkv", "auto") else (100, 300)
     q, k, v = make_qkv(2, 8, sq, sk, 128, dtype=torch.bfloat16, layout=layout, kv_heads=2,
@@ -321,6 +323,8 @@ def test_gpu_replay_equals_the_general_path(name, layout, run, monkeypatch, gpu_
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     ref, _ = reference_attention(q2, k2, v2, layout=layout, causal=True)
     assert_matches(out, ref, 1e-2)
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) == _runtime._DIRECT_TRITON:
+        assert any(_runtime._direct.values()), "no launch took the C launch function"
 
 
 def test_threads_record_and_replay_their_own_calls(monkeypatch):

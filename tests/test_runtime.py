@@ -31,22 +31,53 @@ class FakeCompiled:
         return lambda *args: self.log.append(("runner", grid, args))
 
 
+class CudaLauncher:
+    """Triton 3.6's launcher object (its class name is part of what ``_direct_launch``
+    checks): ``launch`` is its C function, called directly where allowed."""
+
+    launch_cooperative_grid = False
+    launch_pdl = True
+    profile_scratch_size = 0
+
+    def __init__(self, log: list, global_scratch_size: int) -> None:
+        self.global_scratch_size = global_scratch_size
+        self.launch = lambda *call: log.append(("launch", call))
+        self.log = log
+
+    def __call__(self, *call) -> None:
+        self.log.append(("run", call))
+
+
+class FakeCompiled36(FakeCompiled):
+    def __init__(self, log: list, global_scratch_size: int) -> None:
+        super().__init__(log)
+        self.run = CudaLauncher(log, global_scratch_size)
+
+
 class FakeKernel:
-    """A jit function with arguments (x, n, scale, A, B) where A and B are constexprs."""
+    """A jit function with arguments (x, n, scale, A, B) where A and B are constexprs.
+    ``scratch``: None compiles to a plain launcher, an int to a triton-3.6 one that asks
+    for that much global scratch."""
 
     arg_names = ["x", "n", "scale", "A", "B"]
 
-    def __init__(self, fail_above_stages: int = 99, with_launcher: bool = True) -> None:
+    def __init__(self, fail_above_stages: int = 99, with_launcher: bool = True,
+                 scratch: int | None = None) -> None:
         self.log: list = []
         self.fail_above_stages = fail_above_stages
         self.with_launcher = with_launcher
+        self.scratch = scratch
 
     def __getitem__(self, grid):
         def launch(*args, num_warps, num_stages, **constexprs):
             self.log.append(("compile", grid, args, constexprs, num_warps, num_stages))
             if num_stages > self.fail_above_stages:
                 raise OutOfResources(300_000, 232_448, "shared memory")
-            return FakeCompiled(self.log) if self.with_launcher else object()
+            if not self.with_launcher:
+                return object()
+            if self.scratch is None:
+                return FakeCompiled(self.log)
+            return FakeCompiled36(self.log, self.scratch)
         return launch
 
 
@@ -62,6 +93,7 @@ class FakeDriver:
 def fake_driver(monkeypatch):
     monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
     monkeypatch.setattr(_runtime, "_compiled", {})
+    monkeypatch.setattr(_runtime, "_direct", {})
 
 
 def _launch(kernel, x, n, *, stages=3):
@@ -80,6 +112,32 @@ def test_relaunch_goes_through_the_launcher_with_kernel_order_arguments():
     assert call[:4] == (4, 2, 1, "stream-0")  # grid padded to 3-D, current stream
     assert call[4:9] == ("function-handle", "metadata", None, None, None)
     assert call[9:] == (x, 48, 0.5, 3, 7)  # args, then constexprs in the kernel's order
+
+
+@pytest.mark.parametrize("triton_version, scratch, direct", [
+    ("3.6.0", 0, True), ("3.6.1", 0, True), ("3.6.0", 64, False), ("3.7.0", 0, False),
+])
+def test_triton_36_relaunch_calls_the_c_launch_function(triton_version, scratch, direct,
+                                                         monkeypatch):
+    """Under triton 3.6 a relaunch calls the launcher's C function with the arguments that
+    triton's own launcher object passes it (no scratch memory); other versions, or a kernel
+    that needs scratch memory, go through the launcher object."""
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    kernel = FakeKernel(scratch=scratch)
+    x = torch.randn(64)
+    _launch(kernel, x, 32)
+    _launch(kernel, x, 48)
+    kind, call = kernel.log[-1]
+    if direct:
+        assert kind == "launch"
+        assert call[:5] == (4, 2, 1, "stream-0", "function-handle")
+        # cooperative grid, PDL, global and profile scratch, metadata, launch metadata, hooks
+        assert call[5:13] == (False, True, None, None, "metadata", None, None, None)
+        assert call[13:] == (x, 48, 0.5, 3, 7)
+    else:
+        assert kind == "run"
+        assert call == (4, 2, 1, "stream-0", "function-handle", "metadata", None, None, None,
+                        x, 48, 0.5, 3, 7)
 
 
 @pytest.mark.parametrize("first, second", [(32, 33), (32, 1), (5, 2**31 + 5)])
