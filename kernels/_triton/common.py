@@ -238,25 +238,20 @@ def attend_band(
 ):
     """``attend_range`` over a band of key blocks from ``key_range``: [r0, r1) and [r4, r5)
     with bounds masks (the band's edges and the sequence tail), [r2, r3) without (its
-    interior)."""
-    acc, m_i, l_i = attend_range(
-        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r0, r1, offs_m, offs_nb, offs_d,
-        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
-        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
-        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT,
-        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-    acc, m_i, l_i = attend_range(
-        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r2, r3, offs_m, offs_nb, offs_d,
-        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
-        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
-        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, False, BOUNDED_LEFT,
-        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
-    acc, m_i, l_i = attend_range(
-        acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r4, r5, offs_m, offs_nb, offs_d,
-        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
-        window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
-        BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT,
-        BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    interior). The three ranges are unrolled at compile time."""
+    for part in tl.static_range(3):
+        if part == 0:
+            start, stop = r0, r1
+        elif part == 1:
+            start, stop = r2, r3
+        else:
+            start, stop = r4, r5
+        acc, m_i, l_i = attend_range(
+            acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
+            window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
+            BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, part != 1,
+            BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
     return acc, m_i, l_i
 
 
