@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, in one device call, on one GPU or split over two (lane 0:
 # the GPU tests, then bench_hf's Llama half; lane 1: bench_attention in both dtypes,
-# bench_features, bench_encoder, bench_hf's GPT-2 half). Writes to $OUT (default
+# bench_features, bench_encoder, bench_hf's GPT-2 half; then, with two GPUs, the tests that
+# need both). Writes to $OUT (default
 # /tmp/gpu_all): tests.log, lane0.log, lane1.log, RESULTS_lane0.md, RESULTS_lane1.md and the
 # two attention JSON files.
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh
@@ -52,6 +53,9 @@ if [ "$gpus" -ge 2 ]; then
     CUDA_VISIBLE_DEVICES=0 lane0 > "$out/lane0.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 lane1 > "$out/lane1.log" 2>&1 &
     wait
+    # the GPU tests that need two devices (inputs on cuda:1 while cuda:0 is current)
+    { echo "== two devices"; timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_plans.py -k second_device 2>&1 | tail -3; } >> "$out/tests.log"
 else
     lane0 > "$out/lane0.log" 2>&1
     lane1 > "$out/lane1.log" 2>&1

@@ -376,3 +376,34 @@ def test_gpu_growing_cache_family_replays(monkeypatch, gpu_device):
                 assert torch.equal(out, run(q, k, v, causal=True, softcap=2.0))
                 ref, _ = reference_attention(q, k, v, layout=layout, causal=True, softcap=2.0)
                 assert_matches(out, ref, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_calls_on_a_second_device_launch_there(monkeypatch):
+    """Inputs on cuda:1 while cuda:0 is current: each entry point's first call (general
+    path), its replay (pointers as ints, the direct C launch under triton 3.6) and a masked
+    call launch on cuda:1, split-KV with several splits and its counters included, and
+    give the reference's answer there; cuda:0 stays current."""
+    calls = _forward_calls(monkeypatch)
+    device = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    for name, layout, run in ENTRY_POINTS:
+        sq, sk = (1, 3000) if name in ("splitkv", "auto") else (100, 300)
+        q, k, v = make_qkv(2, 8, sq, sk, 128, dtype=torch.bfloat16, layout=layout,
+                           kv_heads=2, device=device)
+        first = run(q, k, v, causal=True)
+        recorded = len(calls)
+        q2, k2, v2 = (torch.randn_like(x) for x in (q, k, v))
+        replayed = run(q2, k2, v2, causal=True)
+        assert len(calls) == recorded, f"{name}: the second call did not replay"
+        keep = torch.rand(2, 1, 1, sk, device=device) > 0.2
+        masked = run(q2, k2, v2, attn_mask=keep)
+        assert torch.cuda.current_device() == 0
+        torch.cuda.synchronize(device)
+        for out, args, kw in ((first, (q, k, v), dict(causal=True)),
+                              (replayed, (q2, k2, v2), dict(causal=True)),
+                              (masked, (q2, k2, v2), dict(attn_mask=keep))):
+            assert out.device == device, name
+            ref, _ = reference_attention(*args, layout=layout, **kw)
+            assert_matches(out, ref, 1e-2)
