@@ -4,6 +4,7 @@ key-padding mask and of GQA in prefill. Also the peak memory of a 64k causal for
     PYTHONPATH=. python benchmarks/bench_features.py --out benchmarks/RESULTS.md
     PYTHONPATH=. python benchmarks/bench_features.py --sweep-decode  # split counts, tiles
     PYTHONPATH=. python benchmarks/bench_features.py --short-decode  # Hugging Face shapes
+    PYTHONPATH=. python benchmarks/bench_features.py --sweep-short   # tiles for those
 """
 
 from __future__ import annotations
@@ -129,40 +130,54 @@ def _plain_args(q: torch.Tensor, k: torch.Tensor):
                       window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
 
 
-def sweep_decode() -> None:
+# (label, batch, heads, kv heads, head_dim, dtype, key lengths) of each sweep
+_SWEEP_POINTS = [(f"Hkv={h}", 8, 32, h, 128, torch.float16, (1024, 8192, 32768)) for h in (32, 8)]
+_SHORT_POINTS = [("gpt2 b16", 16, 12, 12, 64, torch.float16, (200, 500, 1000)),
+                 ("llama b16", 16, 32, 8, 64, torch.bfloat16, (200, 500, 1000))]
+
+
+def sweep_decode(points: list = _SWEEP_POINTS,
+                 tiles: tuple = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)),
+                 splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16), device: str = "cuda",
+                 bench=triton.testing.do_bench_cudagraph) -> None:
     """Split counts and key tiles of the split-KV kernel (for kernels/configs.py and
     _launch._num_splits): GPU time from CUDA-graph replays, SDPA alongside, and the library's
-    own choice (configs table and split rule) as "default"; the eight best per point."""
+    own choice (configs table and split rule) as "default"; the eight best per point.
+    ``--sweep-short`` runs it on the short caches of batch-16 generation (one split in eager
+    mode), over smaller key tiles."""
     from kernels import _launch
     from kernels.configs import TileConfig
 
-    B, H, D = 8, 32, 128
-    tiles = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3))
-    for kv_heads in (32, 8):
-        for sk in (1024, 8192, 32768):
-            q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.float16)
-            k = torch.randn(B, kv_heads, sk, D, device="cuda", dtype=torch.float16)
+    for label, batch, heads, kv_heads, head_dim, dtype, lengths in points:
+        for sk in lengths:
+            q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+            k = torch.randn(batch, kv_heads, sk, head_dim, device=device, dtype=dtype)
             v = torch.randn_like(k)
             args = _plain_args(q, k)
             out = torch.empty_like(q)
-            sdpa = triton.testing.do_bench_cudagraph(
-                lambda q=q, k=k, v=v, g=kv_heads != H: F.scaled_dot_product_attention(
-                    q, k, v, enable_gqa=g), return_mode="median")
-            default = triton.testing.do_bench_cudagraph(
-                lambda q=q, k=k, v=v, o=out, a=args:
-                _launch.forward_splitkv(q, k, v, o, None, a), return_mode="median")
+            sdpa = bench(lambda q=q, k=k, v=v, g=kv_heads != heads:
+                         F.scaled_dot_product_attention(q, k, v, enable_gqa=g),
+                         return_mode="median")
+            default = bench(lambda q=q, k=k, v=v, o=out, a=args:
+                            _launch.forward_splitkv(q, k, v, o, None, a), return_mode="median")
             res = []
-            for (bn, warps, stages), splits in itertools.product(tiles, (1, 2, 3, 4, 6, 8, 12, 16)):
+            for (bn, warps, stages), n in itertools.product(tiles, splits):
                 cfg = TileConfig(64, bn, warps, stages)
-                ms = triton.testing.do_bench_cudagraph(
-                    lambda c=cfg, n=splits, q=q, k=k, v=v, o=out, a=args:
-                    _launch.forward_splitkv(q, k, v, o, None, a, num_splits=n, config=c),
-                    return_mode="median")
-                res.append((ms * 1e3, f"bn{bn}/w{warps}/s{stages}/{splits}"))
+                ms = bench(lambda c=cfg, n=n, q=q, k=k, v=v, o=out, a=args:
+                           _launch.forward_splitkv(q, k, v, o, None, a, num_splits=n, config=c),
+                           return_mode="median")
+                res.append((ms * 1e3, f"bn{bn}/w{warps}/s{stages}/{n}"))
             res.sort()
             res = [f"SDPA {sdpa * 1e3:.1f}", f"default {default * 1e3:.1f}"] \
                 + [f"{name}:{us:.1f}" for us, name in res[:8]]
-            print(f"Hkv={kv_heads} Sk={sk} (us): " + " ".join(res), flush=True)
+            print(f"{label} Sk={sk} (us): " + " ".join(res), flush=True)
+
+
+def sweep_short() -> None:
+    """``sweep_decode`` on the batch-16 generation shapes: key tiles of 32-128, 2-8 warps,
+    2-4 stages, 1-4 splits."""
+    tiles = tuple(itertools.product((32, 64, 128), (2, 4), (2, 3, 4))) + ((128, 8, 3),)
+    sweep_decode(_SHORT_POINTS, tiles, (1, 2, 4))
 
 
 def short_decode() -> None:
@@ -226,10 +241,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--sweep-decode", action="store_true")
     p.add_argument("--short-decode", action="store_true")
+    p.add_argument("--sweep-short", action="store_true")
     a = p.parse_args()
     launch_overhead()
-    if a.sweep_decode or a.short_decode:
-        (sweep_decode if a.sweep_decode else short_decode)()
+    if a.sweep_decode or a.short_decode or a.sweep_short:
+        (sweep_decode if a.sweep_decode else sweep_short if a.sweep_short else short_decode)()
         return
     bw = copy_bandwidth()
     print(f"device copy bandwidth {bw:.2f} TB/s", flush=True)
