@@ -138,8 +138,7 @@ _SHORT_POINTS = [("gpt2 b16", 16, 12, 12, 64, torch.float16, (200, 500, 1000)),
 
 def sweep_decode(points: list = _SWEEP_POINTS,
                  tiles: tuple = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)),
-                 splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16), device: str = "cuda",
-                 bench=triton.testing.do_bench_cudagraph) -> None:
+                 splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16)) -> None:
     """Split counts and key tiles of the split-KV kernel (for kernels/configs.py and
     _launch._num_splits): GPU time from CUDA-graph replays, SDPA alongside, and the library's
     own choice (configs table and split rule) as "default"; the eight best per point.
@@ -148,10 +147,11 @@ def sweep_decode(points: list = _SWEEP_POINTS,
     from kernels import _launch
     from kernels.configs import TileConfig
 
+    bench = triton.testing.do_bench_cudagraph
     for label, batch, heads, kv_heads, head_dim, dtype, lengths in points:
         for sk in lengths:
-            q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
-            k = torch.randn(batch, kv_heads, sk, head_dim, device=device, dtype=dtype)
+            q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+            k = torch.randn(batch, kv_heads, sk, head_dim, device="cuda", dtype=dtype)
             v = torch.randn_like(k)
             args = _plain_args(q, k)
             out = torch.empty_like(q)
