@@ -2,6 +2,7 @@
 backends measured in the same run. Used to build kernels/configs.py (see NOTES.md).
 
     PYTHONPATH=. python benchmarks/tune_v2.py --seqs 4096 16384 --head-dims 64 128
+    PYTHONPATH=. python benchmarks/tune_v2.py --head-dims 64 --warps 8 --maxnreg 128
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> None:
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--maxnreg", type=int, nargs="*", default=[],
+                   help="register caps to try besides the uncapped tile (e.g. 128: two "
+                        "8-warp programs per multiprocessor)")
     p.add_argument("--tokens", type=int, default=32768,
                    help="batch * seq_len (batch at least 1): 32k for the benchmark grids, "
                         "a sequence length for batch-1 (small-grid) shapes")
@@ -53,8 +57,9 @@ def main() -> None:
         out = torch.empty_like(q)
         lse = torch.empty(B, H, S, device="cuda", dtype=torch.float32)
         results = []
-        for bm, bn, w, st in itertools.product(a.block_m, a.block_n, a.warps, a.stages):
-            cfg = TileConfig(bm, bn, w, st)
+        for bm, bn, w, st, cap in itertools.product(a.block_m, a.block_n, a.warps, a.stages,
+                                                    [None, *a.maxnreg]):
+            cfg = TileConfig(bm, bn, w, st, cap)
             try:
                 _launch.forward_v2(q, k, v, out, lse, args, config=cfg)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

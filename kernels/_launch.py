@@ -187,7 +187,7 @@ def forward_v2(
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              IS_VARLEN=varlen, STORE_LSE=store_lse, USE_TMA=use_tma,
              DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
-        cfg.num_warps, cfg.num_stages)
+        cfg.num_warps, cfg.num_stages, cfg.maxnreg)
 
 
 def forward_v1(
@@ -216,7 +216,7 @@ def forward_v1(
          *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              STORE_LSE=store_lse, DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
-        cfg.num_warps, cfg.num_stages)
+        cfg.num_warps, cfg.num_stages, cfg.maxnreg)
 
 
 # Outside a CUDA-graph capture, caches shorter than this get one split: an eager decode step
@@ -296,4 +296,4 @@ def forward_splitkv(
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
              NUM_SPLITS=splits, STORE_LSE=store_lse,
              DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),
-        cfg.num_warps, cfg.num_stages)
+        cfg.num_warps, cfg.num_stages, cfg.maxnreg)

@@ -177,9 +177,9 @@ class Recorder:
     """Collects the launches of one general-path call (``with Recorder() as rec:``);
     ``kernels._runtime.launch`` reports to the active recorder of its thread: in ``launches``
     what a replay needs (None where it cannot replay), in ``calls`` each launch as the
-    launcher asked for it (kernel, grid, args, constexprs, num_warps, num_stages). A ``dry``
-    recorder's launches are recorded in ``calls`` only, never run. ``variant`` is the
-    kernel variant the general path ran (a family's probe runs the same one)."""
+    launcher asked for it (kernel, grid, args, constexprs, num_warps, num_stages, maxnreg).
+    A ``dry`` recorder's launches are recorded in ``calls`` only, never run. ``variant`` is
+    the kernel variant the general path ran (a family's probe runs the same one)."""
 
     def __init__(self, dry: bool = False) -> None:
         self.dry = dry
@@ -313,9 +313,9 @@ def _family_plan(plan: Plan, recorder: Recorder, call: Call, probe: Recorder,
 
     steps = []
     for step, seen, probed in zip(plan.steps, recorder.calls, probe.calls, strict=True):
-        kernel, grid, args, constexprs, num_warps, num_stages = seen
+        kernel, grid, args, constexprs = seen[:4]
         if (probed[0] is not kernel or probed[1] != grid or probed[3] != constexprs
-                or probed[4:] != (num_warps, num_stages) or len(probed[2]) != len(args)):
+                or probed[4:] != seen[4:] or len(probed[2]) != len(args)):
             return None
         sizes, slots = [], dict(step.slots)
         for position, (arg, other) in enumerate(zip(args, probed[2], strict=True)):

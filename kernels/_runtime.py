@@ -98,11 +98,14 @@ _compiled: dict[tuple, tuple] = {}
 
 
 def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
-           constexprs: dict, num_warps: int, num_stages: int) -> None:
+           constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+           ) -> None:
     """Launch ``kernel[grid](*args, **constexprs)`` on ``device`` and its current stream.
 
     ``args`` are the kernel's leading non-constexpr arguments, in order, and ``constexprs``
-    the rest by name. CPU tensors go through the interpreter, one launch at a time. On CUDA,
+    the rest by name; ``maxnreg`` caps the registers per thread on CUDA (Triton's option,
+    None: the compiler's choice; the interpreter has no registers to cap). CPU tensors go
+    through the interpreter, one launch at a time. On CUDA,
     the compiled kernel is remembered per (kernel, device, constexprs, specialisation of every
     argument) and relaunched directly, skipping Triton's per-call argument binding, which
     costs tens of microseconds: more than a decode step's whole GPU time. The launch is
@@ -111,7 +114,7 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
     """
     recorder = _plan.active_recorder()
     if recorder is not None:
-        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages))
+        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages, maxnreg))
         if recorder.dry:
             return
     if device.type != "cuda":
@@ -121,12 +124,12 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, args: tuple,
             recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
         return
     launched = _on_device(device, _launch_cuda, kernel, grid, device, args, constexprs,
-                          num_warps, num_stages)
+                          num_warps, num_stages, maxnreg)
     if recorder is not None:
         recorder.launches.append(launched)
 
 
-def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages):
+def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages, maxnreg=None):
     """Launch on the current CUDA device; returns (compiled kernel, 3-D grid, full argument
     list, {}, num_warps, num_stages) when the launch can be replayed directly, else None."""
     # The key holds, per argument, a superset of what Triton specialises on, computed inline
@@ -135,19 +138,20 @@ def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages):
     spec = tuple([a & 15 | (a == 1) << 4 | a >> 31 << 5 if type(a) is int
                   else (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor
                   else _specialization(a) for a in args])
-    key = (kernel, device.index, num_warps, num_stages, tuple(constexprs.values()), spec)
+    key = (kernel, device.index, num_warps, num_stages, maxnreg, tuple(constexprs.values()),
+           spec)
     entry = _compiled.get(key, False)
     launched = entry is False
     if launched:
         compiled, num_stages = _compile_and_launch(kernel, grid, args, constexprs, num_warps,
-                                                   num_stages)
+                                                   num_stages, maxnreg)
         # Relaunch directly only where this triton exposes the compiled kernel's launcher.
         direct = all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
         entry = (compiled, kernel.arg_names[len(args):]) if direct else (None, num_stages)
         _compiled[key] = entry
     if entry[0] is None:
         if not launched:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=entry[1])
+            kernel[grid](*args, **constexprs, **_options(num_warps, entry[1], maxnreg))
         return None
     compiled, names = entry
     grid3 = (*grid, *(1,) * (3 - len(grid)))
@@ -221,14 +225,22 @@ def _hooked(hook: object) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _compile_and_launch(kernel, grid, args, constexprs, num_warps, num_stages):
+def _options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
+    """Triton's launch options of a configuration (maxnreg only when set)."""
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return options
+
+
+def _compile_and_launch(kernel, grid, args, constexprs, num_warps, num_stages, maxnreg=None):
     """First launch of a specialisation. A tile configuration whose software pipeline does
     not fit in shared memory (extra mask tiles can push a tuned one over) is retried with
     fewer stages. Returns the compiled kernel and the stage count that fitted."""
     while True:
         try:
-            compiled = kernel[grid](*args, **constexprs, num_warps=num_warps,
-                                    num_stages=num_stages)
+            compiled = kernel[grid](*args, **constexprs,
+                                    **_options(num_warps, num_stages, maxnreg))
             return compiled, num_stages
         except OutOfResources:
             if num_stages <= 1:

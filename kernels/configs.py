@@ -10,6 +10,7 @@ shared memory of Ampere and newer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,15 @@ from ._runtime import multiprocessors
 
 @dataclass(frozen=True)
 class TileConfig:
+    """Query rows and key rows per tile, warps and pipeline stages of a launch; ``maxnreg``
+    caps the registers per thread (None: the compiler's choice), which sets how many programs
+    a multiprocessor holds."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
@@ -31,10 +37,16 @@ INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=
 # >= head_dim wins. fp16/bf16 V2 rows: best of the 2026-11-24 H100 sweep at head_dim <= 128 and
 # of the 2026-11-30 H200 sweep at 256 (128x64 tiles, 8 warps: 0.71-0.83x cuDNN against
 # 0.55-0.67x for the 64x64 tile before; benchmarks/NOTES.md), triton 3.6, tensor descriptors;
-# the float32 and V1 rows are sized to fit shared memory.
+# the float32 and V1 rows are sized to fit shared memory. Non-causal head_dim <= 64: 8 warps
+# capped at 128 registers (no spills under triton 3.6), so that two programs share a
+# multiprocessor (16 warps; uncapped the tile takes 161-205 registers and one program), over
+# the H100's 4-warp tile (243 registers, one warpgroup per program). H200, eleventh session
+# of 2026-11-30, fraction of cuDNN, B*S = 32k, S 1k-16k: fp16 0.87-0.97 -> 0.90-1.01, bf16
+# 0.93-0.98 -> 0.97-1.01; B1 H12 S2k 0.79 -> 0.92. Causal kept the 4-warp tile (1.00
+# against 0.95-0.99 at S 4k, 16k).
 _CUDA_TABLE: dict[tuple[str, bool, bool], list[tuple[int, TileConfig]]] = {
     ("v2", False, False): [
-        (64, TileConfig(128, 128, 4, 3)),
+        (64, TileConfig(128, 128, 8, 3, maxnreg=128)),
         (128, TileConfig(128, 128, 8, 3)),
         (256, TileConfig(128, 64, 8, 2)),
     ],
@@ -63,8 +75,11 @@ for _causal in (False, True):
     # 64-key tiles, 3 stages, with one program per multiprocessor (_launch._num_splits): best
     # of the 2026-11-30 H200 sweep at 4 of its 6 points (B8 H32 Hkv 32/8, Sk 1k/8k/32k, D128)
     # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md); one stage more where the grid
-    # has at most one program per multiprocessor (splitkv_stages)
+    # has at most one program per multiprocessor (splitkv_stages). head_dim <= 64: tiles of
+    # 128 keys (the same bytes per tile): B16 decode on 200-1000 keys (GPT-2 H12, Llama
+    # H32/8; one split) 5.7-17.8 -> 5.3-15.2 us (--sweep-short, eleventh session)
     _CUDA_TABLE[("splitkv", False, _causal)] = [
+        (64, TileConfig(64, 128, 4, 3)),
         (128, TileConfig(64, 64, 4, 3)),
         (256, TileConfig(32, 32, 4, 2)),
     ]
@@ -116,11 +131,13 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
 def splitkv_stages(cfg: TileConfig, device: torch.device, head_dim: int, dtype: torch.dtype,
                    programs: int) -> TileConfig:
     """The split-KV configuration for a grid of ``programs``: with at most one program per
-    multiprocessor (fp16/bf16, head_dim <= 128), one stage more, since each program alone then
-    keeps the multiprocessor's loads in flight. H200, 2026-11-30 (B8 H32 Hkv8 D128, 2 splits:
-    128 programs): 80.0 -> 79.1 us at 8k keys, 266.7 -> 256.4 at 32k; at Hkv 32 (256
-    programs) 3 stages stayed best (255.7 against 257.3 us at 8k; benchmarks/NOTES.md)."""
-    if (device.type != "cuda" or dtype == torch.float32 or head_dim > 128
+    multiprocessor (fp16/bf16, 64 < head_dim <= 128), one stage more, since each program alone
+    then keeps the multiprocessor's loads in flight. H200, 2026-11-30 (B8 H32 Hkv8 D128, 2
+    splits: 128 programs): 80.0 -> 79.1 us at 8k keys, 266.7 -> 256.4 at 32k; at Hkv 32 (256
+    programs) 3 stages stayed best (255.7 against 257.3 us at 8k). At head_dim 64 (128-key
+    tiles, B16 H32 Hkv8, 128 programs, 200-1000 keys) 3 stages beat 4: 5.3 / 7.3 / 10.9
+    against 5.8 / 7.8 / 11.2 us (benchmarks/NOTES.md)."""
+    if (device.type != "cuda" or dtype == torch.float32 or not 64 < head_dim <= 128
             or programs > multiprocessors(device)):
         return cfg
-    return TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages + 1)
+    return dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)

@@ -488,9 +488,10 @@ _FLOAT_ARGS = {"qk_scale", "softcap"}
 
 
 def _compile_for_cuda(fn, dtype: str, constexprs: dict, mask_type: str, tma: bool,
-                      num_warps: int, num_stages: int):
+                      num_warps: int, num_stages: int, maxnreg: int | None = None):
     """triton.compile ``fn`` for an sm_90 GPU target on this machine (no GPU needed). With
-    ``tma``, Q, K and V are (B, H, S, D) tensor descriptors (kernels that take USE_TMA)."""
+    ``tma``, Q, K and V are (B, H, S, D) tensor descriptors (kernels that take USE_TMA);
+    ``maxnreg`` caps the registers per thread."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -520,8 +521,10 @@ def _compile_for_cuda(fn, dtype: str, constexprs: dict, mask_type: str, tma: boo
     params = inspect.signature(ASTSource).parameters
     key = "constexprs" if "constexprs" in params else "constants"
     src = ASTSource(fn=fn, signature=signature, **{key: constexprs})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cubin = compiled.asm["cubin"]
     assert isinstance(cubin, bytes) and len(cubin) > 1000
     assert fn.__name__ in compiled.asm["ptx"]
@@ -537,9 +540,10 @@ def _constexprs(head_dim, block_m, block_n, **overrides):
     return c
 
 
-# (dtype, mask pointer type, constexprs, tensor descriptors, num_warps, num_stages), tiles
-# and warps as in kernels/configs.py's table: plain; every feature; float32 with TF32;
-# the TMA (tensor descriptor) path, plain, with every feature and with the head_dim-256 tile.
+# (dtype, mask pointer type, constexprs, tensor descriptors, num_warps, num_stages[, maxnreg]),
+# tiles and warps as in kernels/configs.py's table: plain; every feature; float32 with TF32;
+# the TMA (tensor descriptor) path, plain, with every feature, with the head_dim-256 tile and
+# with the register-capped head_dim-64 tile.
 _V2_COMPILES = [
     ("fp16", "*fp16", _constexprs(64, 128, 64, IS_VARLEN=False, STORE_LSE=False), False, 4, 3),
     ("bf16", "*bf16", _constexprs(80, 128, 64, IS_VARLEN=True, BOUNDED_LEFT=True,
@@ -553,6 +557,7 @@ _V2_COMPILES = [
                                   BOUNDED_RIGHT=True, MASK_KIND=2, MASK_KEYS_ONLY=True,
                                   HAS_SOFTCAP=True, HAS_ALIBI=True), True, 4, 3),
     ("fp16", "*fp16", _constexprs(256, 128, 64, IS_VARLEN=False, STORE_LSE=False), True, 8, 2),
+    ("bf16", "*bf16", _constexprs(64, 128, 128, IS_VARLEN=False), True, 8, 3, 128),
 ]
 _V1_COMPILES = [
     ("fp16", "*fp16", _constexprs(64, 64, 64, STORE_LSE=False), False, 4, 1),
@@ -575,10 +580,10 @@ def test_cuda_compile_after_interpreted_launch(variant, compiles, tmp_path, monk
 
     fn = v2_module.attention_fwd_v2 if variant == "v2" else v1_module.attention_fwd_v1
     assert isinstance(fn, triton.runtime.JITFunction), type(fn)
-    for dtype, mask_type, constexprs, tma, num_warps, num_stages in compiles:
+    for dtype, mask_type, constexprs, tma, *options in compiles:
         if tma and "USE_TMA" not in fn.arg_names:
             continue  # a kernel without the tensor-descriptor path
-        _compile_for_cuda(fn, dtype, constexprs, mask_type, tma, num_warps, num_stages)
+        _compile_for_cuda(fn, dtype, constexprs, mask_type, tma, *options)
     check_call(variant, q, k, v, causal=False, window_size=(3, 2))
 
 

@@ -228,8 +228,8 @@ def test_small_causal_grids_take_64_row_query_blocks(batch, heads, seqlen, head_
 
 def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch):
     """kernels.configs.splitkv_stages on a 132-multiprocessor GPU: one stage more for fp16/bf16
-    at head_dim <= 128 when the grid has at most one program per multiprocessor (GQA decode
-    with two splits, 128 programs), the table's stages otherwise."""
+    at 64 < head_dim <= 128 when the grid has at most one program per multiprocessor (GQA
+    decode with two splits, 128 programs), the table's stages otherwise."""
     from kernels import configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
@@ -237,8 +237,24 @@ def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch):
     base = configs.tile_config("splitkv", cuda, 128, torch.float16, False)
     deeper = configs.splitkv_stages(base, cuda, 128, torch.bfloat16, 128)
     assert deeper == configs.TileConfig(base.block_m, base.block_n, base.num_warps,
-                                        base.num_stages + 1)
+                                        base.num_stages + 1, base.maxnreg)
     assert configs.splitkv_stages(base, cuda, 128, torch.float16, 133) == base
     assert configs.splitkv_stages(base, cuda, 128, torch.float32, 64) == base
     assert configs.splitkv_stages(base, cuda, 256, torch.float16, 64) == base
     assert configs.splitkv_stages(base, torch.device("cpu"), 128, torch.float16, 4) == base
+    small = configs.tile_config("splitkv", cuda, 64, torch.bfloat16, False)
+    assert configs.splitkv_stages(small, cuda, 64, torch.bfloat16, 128) == small
+
+
+def test_a_register_cap_reaches_the_compiler_and_keys_the_compiled_kernel():
+    """A configuration's maxnreg is passed to Triton as a launch option (retries with fewer
+    stages keep it), and launches that differ only in it compile separately."""
+    kernel = FakeKernel(fail_above_stages=2)
+    x = torch.randn(64)
+    for maxnreg in (128, None, 128):
+        _runtime._launch_cuda(kernel, (4, 2), DEVICE, (x, 32, 0.5), {"A": 3, "B": 7}, 8, 3,
+                              maxnreg)
+    compiles = [(entry[3].get("maxnreg"), entry[5]) for entry in kernel.log
+                if entry[0] == "compile"]
+    assert compiles == [(128, 3), (128, 2), (None, 3), (None, 2)]
+    assert [entry[0] for entry in kernel.log[-1:]] == ["run"]  # the third launch: a relaunch
