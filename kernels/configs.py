@@ -38,12 +38,13 @@ INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=
 # of the 2026-11-30 H200 sweep at 256 (128x64 tiles, 8 warps: 0.71-0.83x cuDNN against
 # 0.55-0.67x for the 64x64 tile before; benchmarks/NOTES.md), triton 3.6, tensor descriptors;
 # the float32 and V1 rows are sized to fit shared memory. Non-causal head_dim <= 64: 8 warps
-# capped at 128 registers (no spills under triton 3.6), so that two programs share a
-# multiprocessor (16 warps; uncapped the tile takes 161-205 registers and one program), over
-# the H100's 4-warp tile (243 registers, one warpgroup per program). H200, eleventh session
-# of 2026-11-30, fraction of cuDNN, B*S = 32k, S 1k-16k: fp16 0.87-0.97 -> 0.90-1.01, bf16
-# 0.93-0.98 -> 0.97-1.01; B1 H12 S2k 0.79 -> 0.92. Causal kept the 4-warp tile (1.00
-# against 0.95-0.99 at S 4k, 16k).
+# capped at 128 registers (under triton 3.6 no spills with tensor descriptors, 8 bytes with
+# pointers), so that two programs share a multiprocessor (16 warps; uncapped the tile takes
+# 161-205 registers and one program), over the H100's 4-warp tile (243-255 registers, one
+# warpgroup per program; on pointers it spills 26 bytes: 0.75 -> 0.91x cuDNN at B8 H16 S2k).
+# H200, eleventh session of 2026-11-30, fraction of cuDNN, B*S = 32k, S 1k-16k: fp16
+# 0.87-0.97 -> 0.90-1.01, bf16 0.93-0.98 -> 0.97-1.01; B1 H12 S2k 0.79 -> 0.92. Causal kept
+# the 4-warp tile (1.00 against 0.95-0.99 at S 4k, 16k).
 _CUDA_TABLE: dict[tuple[str, bool, bool], list[tuple[int, TileConfig]]] = {
     ("v2", False, False): [
         (64, TileConfig(128, 128, 8, 3, maxnreg=128)),
