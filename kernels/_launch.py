@@ -162,8 +162,9 @@ def forward_v2(
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     rows = max_seqlen_q if varlen else Sq
+    # varlen: Sk counts every packed key, a bound on each sequence's length
     cfg = config or tile_config("v2", device, D, q.dtype, args.causal,
-                                batch * H * _cdiv(rows, 128))
+                                batch * H * _cdiv(rows, 128), max(rows, Sk))
     mask, mask_strides = args.mask_arg(q)
     alibi, alibi_strides = args.alibi_arg(q)
     lse, lse_strides, store_lse = _lse_arg(lse, out)

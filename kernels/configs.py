@@ -109,12 +109,23 @@ _SMALL_CAUSAL_GRID: list[tuple[int, list[tuple[float, TileConfig]]]] = [
     (256, [(8, TileConfig(64, 64, 4, 3))]),
 ]
 
+# Causal fp16/bf16 V2 at 64 < head_dim <= 128 on short sequences (query and key lengths up to
+# SHORT_CAUSAL_LEN), whatever the grid: each program walks a few key blocks, and the table's
+# tile (225 KiB of shared memory: one program per multiprocessor) exposes every program's
+# start; 128x64 tiles with 8 warps, 2 stages and 128 registers put two on a multiprocessor.
+# H200, eleventh session, fraction of cuDNN, B*S = 32k, H16 and H32/8, fp16 and bf16: S 512
+# 0.62-0.69 -> 0.73-0.87, S 1k 0.71-0.80 -> 0.77-0.87; at S 1.5k -1% to +3%, at S 2k even
+# (benchmarks/NOTES.md).
+SHORT_CAUSAL_LEN = 1024
+_SHORT_CAUSAL = TileConfig(128, 64, 8, 2, maxnreg=128)
+
 
 def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.dtype,
-                causal: bool, blocks_128: int = 0) -> TileConfig:
-    """The tile configuration a kernel launch uses. ``blocks_128``: for V2, the number of
+                causal: bool, blocks_128: int = 0, seq_len: int = 0) -> TileConfig:
+    """The tile configuration a kernel launch uses. For V2: ``blocks_128``, the number of
     programs a grid of 128-row query blocks would have (batch * heads * blocks per
-    sequence); 0 when unknown."""
+    sequence), and ``seq_len``, an upper bound on every sequence's query and key length; 0
+    when unknown."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     fp32 = dtype == torch.float32
@@ -124,6 +135,8 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
         for bound, cfg in rules:
             if per_multiprocessor < bound:
                 return cfg
+        if 64 < head_dim <= 128 and 0 < seq_len <= SHORT_CAUSAL_LEN:
+            return _SHORT_CAUSAL
     rows = _CUDA_TABLE[(variant, fp32, causal)]
     for bound, cfg in rows:
         if head_dim <= bound:

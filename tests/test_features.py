@@ -694,19 +694,27 @@ def test_gpu_tma_size_rule(gpu_device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim, dtype, causal, sms, tile", [
-    (256, F16, False, 1, (128, 64, 8, 2, None)), (256, BF16, True, 1, (128, 64, 8, 3, None)),
-    (256, F16, True, 1000, (64, 64, 4, 3, None)), (256, BF16, False, 1000, (128, 64, 8, 2, None)),
-    (128, BF16, True, 1000, (64, 64, 4, 3, None)), (128, F16, True, 1, (128, 128, 8, 3, None)),
-    (64, BF16, False, 1, (128, 128, 8, 3, 128)), (64, F16, True, 1000, (64, 64, 4, 3, 128)),
+@pytest.mark.parametrize("head_dim, dtype, causal, sms, tile, seqlen", [
+    (256, F16, False, 1, (128, 64, 8, 2, None), 600),
+    (256, BF16, True, 1, (128, 64, 8, 3, None), 600),
+    (256, F16, True, 1000, (64, 64, 4, 3, None), 600),
+    (256, BF16, False, 1000, (128, 64, 8, 2, None), 600),
+    (128, BF16, True, 1000, (64, 64, 4, 3, None), 600),
+    (128, F16, True, 1, (128, 64, 8, 2, 128), 600),
+    (128, BF16, True, 1, (128, 128, 8, 3, None), 1100),
+    (64, BF16, False, 1, (128, 128, 8, 3, 128), 600),
+    (64, F16, True, 1000, (64, 64, 4, 3, 128), 600),
 ], ids=["D256-full-large", "D256-causal-large", "D256-causal-small", "D256-full-small",
-        "D128-causal-small", "D128-causal-large", "D64-full", "D64-causal-small"])
+        "D128-causal-small", "D128-causal-short", "D128-causal-large", "D64-full",
+        "D64-causal-small"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, tma, gpu_device, monkeypatch):
+def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, seqlen, tma, gpu_device,
+                      monkeypatch):
     """The V2 tiles of kernels/configs.py at head_dim 64 (the register-capped ones), 128 and
-    256, on pointers and on tensor descriptors: the grid (2 x 2 x 5 programs of 128 rows)
-    counts as large against one multiprocessor and as small against a thousand (the
-    small-grid rule of causal calls)."""
+    256, on pointers and on tensor descriptors: the grid (2 x 2 x ceil(seqlen / 128)
+    programs of 128 rows) counts as large against one multiprocessor and as small against a
+    thousand (the small-grid rule of causal calls); causal head_dim-128 sequences up to 1024
+    take the short-sequence tile."""
     from kernels import _launch, _runtime, configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: sms)
@@ -716,7 +724,7 @@ def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, tma, gpu_device, monke
     monkeypatch.setattr(_runtime, "launch", lambda kernel, grid, device, args, c, w, s, r: (
         tiles.append((c["BLOCK_M"], c["BLOCK_N"], w, s, r, c["USE_TMA"]))
         or real(kernel, grid, device, args, c, w, s, r)))
-    q, k, v = make_qkv(2, 2, 600, 611, head_dim, dtype=dtype, device=gpu_device)
+    q, k, v = make_qkv(2, 2, seqlen, seqlen + 11, head_dim, dtype=dtype, device=gpu_device)
     _gpu_check("v2", q, k, v, causal=causal)
     assert tiles == [(*tile, tma)]
 

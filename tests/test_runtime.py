@@ -210,18 +210,29 @@ def test_a_profiler_hook_gets_tritons_own_runner(monkeypatch):
     (4, 8, 8192, 256, True, torch.bfloat16, (128, 64)),  # 2048 (15.5 per SM): the table
     (1, 8, 2048, 256, False, torch.float16, (128, 64)),  # not causal: the table
     (1, 12, 2048, 64, True, torch.float32, (64, 64)),  # float32: its own table row
+    (8, 16, 1024, 128, True, torch.float16, (128, 64)),  # short causal sequences, 1024 (7.8)
+    (8, 16, 1024, 128, True, torch.float32, (64, 32)),  # float32: its own table row
+    (8, 16, 1024, 128, False, torch.bfloat16, (128, 128)),  # not causal: the table
+    (8, 16, 1040, 128, True, torch.bfloat16, (128, 128)),  # longer than 1024: the table
+    (32, 32, 1024, 64, True, torch.float16, (128, 128)),  # head_dim 64 (62): the table
+    (1, 16, 1024, 128, True, torch.float16, (64, 64)),  # a small grid first
 ])
-def test_small_causal_grids_take_64_row_query_blocks(batch, heads, seqlen, head_dim, causal,
-                                                     dtype, want, monkeypatch):
-    """The V2 tile rule on a 132-multiprocessor GPU (kernels.configs): 64-row query blocks
+def test_tile_rules_for_small_grids_and_short_causal_sequences(batch, heads, seqlen, head_dim,
+                                                               causal, dtype, want,
+                                                               monkeypatch):
+    """The V2 tile rules on a 132-multiprocessor GPU (kernels.configs): 64-row query blocks
     for causal fp16/bf16 calls whose 128-row grid would be small (below 4 programs per
-    multiprocessor at head_dim <= 128, 8 at 256; 64x128 tiles up to 16 at head_dim <= 64)."""
+    multiprocessor at head_dim <= 128, 8 at 256; 64x128 tiles up to 16 at head_dim <= 64);
+    then, for causal fp16/bf16 calls at 64 < head_dim <= 128 whose sequences are at most
+    1024 long, 128x64 tiles capped at 128 registers."""
     from kernels import configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
     blocks_128 = batch * heads * -(-seqlen // 128)
-    cfg = configs.tile_config("v2", DEVICE, head_dim, dtype, causal, blocks_128)
+    cfg = configs.tile_config("v2", DEVICE, head_dim, dtype, causal, blocks_128, seqlen)
     assert (cfg.block_m, cfg.block_n) == want
+    if want == (128, 64) and head_dim == 128:
+        assert cfg.maxnreg == 128
     if dtype == torch.float32:  # the float32 row, whatever the grid
         assert cfg == configs.tile_config("v2", DEVICE, head_dim, dtype, causal)
 
