@@ -730,6 +730,36 @@ def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, seqlen, tma, gpu_devic
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("api, dtype", [("v2", BF16), ("bshd", F16)], ids=["v2-bf16",
+                                                                           "bshd-fp16"])
+def test_gpu_short_causal_tile_with_every_feature(api, dtype, gpu_device, monkeypatch):
+    """The short-sequence causal tile (128x64, 8 warps, 2 stages, 128 registers) with GQA,
+    windows, softcap, ALiBi, float and key-padding masks at head_dim 80, 96 and 128 (the
+    multiprocessor count patched to 1, so that no grid counts as small)."""
+    from kernels import _runtime, configs
+
+    monkeypatch.setattr(configs, "multiprocessors", lambda device: 1)
+    tiles = []
+    real = _runtime.launch
+    monkeypatch.setattr(_runtime, "launch", lambda kernel, grid, device, args, c, w, s, r: (
+        tiles.append((c["BLOCK_M"], c["BLOCK_N"], w, s, r)) or real(kernel, grid, device,
+                                                                     args, c, w, s, r)))
+    b, h, dev = 2, 4, gpu_device
+    for d, sq, sk in ((128, 700, 1000), (96, 257, 1023), (80, 1000, 1000)):
+        q, k, v = make_qkv(b, h, sq, sk, d, dtype=dtype, layout=layout_of(api), kv_heads=2,
+                           device=dev, scale=2.0)
+        _gpu_check(api, q, k, v, causal=True)
+        _gpu_check(api, q, k, v, window_size=(100, -1), causal=True, softcap=5.0)
+        _gpu_check(api, q, k, v, causal=True, alibi_slopes=alibi_slopes(h, device=dev))
+        _gpu_check(api, q, k, v, alibi_slopes=alibi_slopes(h, b, device=dev), causal=True,
+                   softcap=20.0, window_size=(300, 0),
+                   attn_mask=make_mask((b, 1, sq, sk), "float", dtype=dtype).to(dev))
+        _gpu_check(api, q, k, v, causal=True,
+                   attn_mask=make_mask((b, 1, 1, sk), "bool", dtype=dtype).to(dev))
+    assert tiles == [(128, 64, 8, 2, 128)] * 15
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("api, dtype", API_DTYPE, ids=_api_dtype_ids(API_DTYPE))
 def test_gpu_masks(api, dtype, gpu_device):
     b, h, sq, sk, d = 2, 4, 300, 517, 64
