@@ -693,6 +693,23 @@ def test_gpu_tma_size_rule(gpu_device, monkeypatch):
         assert len(built) == expected, (sq, sk)
 
 
+def _record_tiles(monkeypatch) -> list[tuple]:
+    """Record (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg, USE_TMA or None) of every
+    launch (``kernels._runtime.launch``) into the returned list; the launches still run."""
+    from kernels import _runtime
+
+    tiles: list[tuple] = []
+    real = _runtime.launch
+
+    def launch(kernel, grid, device, args, constexprs, num_warps, num_stages, maxnreg=None):
+        tiles.append((constexprs["BLOCK_M"], constexprs["BLOCK_N"], num_warps, num_stages,
+                      maxnreg, constexprs.get("USE_TMA")))
+        real(kernel, grid, device, args, constexprs, num_warps, num_stages, maxnreg)
+
+    monkeypatch.setattr(_runtime, "launch", launch)
+    return tiles
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim, dtype, causal, sms, tile, seqlen", [
     (256, F16, False, 1, (128, 64, 8, 2, None), 600),
@@ -715,15 +732,11 @@ def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, seqlen, tma, gpu_devic
     programs of 128 rows) counts as large against one multiprocessor and as small against a
     thousand (the small-grid rule of causal calls); causal head_dim-128 sequences up to 1024
     take the short-sequence tile."""
-    from kernels import _launch, _runtime, configs
+    from kernels import _launch, configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: sms)
     monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0 if tma else 1 << 62)
-    tiles = []
-    real = _runtime.launch
-    monkeypatch.setattr(_runtime, "launch", lambda kernel, grid, device, args, c, w, s, r: (
-        tiles.append((c["BLOCK_M"], c["BLOCK_N"], w, s, r, c["USE_TMA"]))
-        or real(kernel, grid, device, args, c, w, s, r)))
+    tiles = _record_tiles(monkeypatch)
     q, k, v = make_qkv(2, 2, seqlen, seqlen + 11, head_dim, dtype=dtype, device=gpu_device)
     _gpu_check("v2", q, k, v, causal=causal)
     assert tiles == [(*tile, tma)]
@@ -736,14 +749,10 @@ def test_gpu_short_causal_tile_with_every_feature(api, dtype, gpu_device, monkey
     """The short-sequence causal tile (128x64, 8 warps, 2 stages, 128 registers) with GQA,
     windows, softcap, ALiBi, float and key-padding masks at head_dim 80, 96 and 128 (the
     multiprocessor count patched to 1, so that no grid counts as small)."""
-    from kernels import _runtime, configs
+    from kernels import configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 1)
-    tiles = []
-    real = _runtime.launch
-    monkeypatch.setattr(_runtime, "launch", lambda kernel, grid, device, args, c, w, s, r: (
-        tiles.append((c["BLOCK_M"], c["BLOCK_N"], w, s, r)) or real(kernel, grid, device,
-                                                                     args, c, w, s, r)))
+    tiles = _record_tiles(monkeypatch)
     b, h, dev = 2, 4, gpu_device
     for d, sq, sk in ((128, 700, 1000), (96, 257, 1023), (80, 1000, 1000)):
         q, k, v = make_qkv(b, h, sq, sk, d, dtype=dtype, layout=layout_of(api), kv_heads=2,
@@ -756,7 +765,7 @@ def test_gpu_short_causal_tile_with_every_feature(api, dtype, gpu_device, monkey
                    attn_mask=make_mask((b, 1, sq, sk), "float", dtype=dtype).to(dev))
         _gpu_check(api, q, k, v, causal=True,
                    attn_mask=make_mask((b, 1, 1, sk), "bool", dtype=dtype).to(dev))
-    assert tiles == [(128, 64, 8, 2, 128)] * 15
+    assert [tile[:5] for tile in tiles] == [(128, 64, 8, 2, 128)] * 15
 
 
 @pytest.mark.gpu
