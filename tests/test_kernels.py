@@ -16,7 +16,7 @@ import torch
 import triton
 
 import kernels
-from kernels import BackendSelector, flash_attention, flash_attention_v2
+from kernels import BackendSelector, _runtime, flash_attention, flash_attention_v2
 from kernels.selector import SelectedKernel
 from tests.reference import (
     TOLERANCE,
@@ -521,10 +521,8 @@ def _compile_for_cuda(fn, dtype: str, constexprs: dict, mask_type: str, tma: boo
     params = inspect.signature(ASTSource).parameters
     key = "constexprs" if "constexprs" in params else "constants"
     src = ASTSource(fn=fn, signature=signature, **{key: constexprs})
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=_runtime._options(num_warps, num_stages, maxnreg))
     cubin = compiled.asm["cubin"]
     assert isinstance(cubin, bytes) and len(cubin) > 1000
     assert fn.__name__ in compiled.asm["ptx"]
