@@ -226,8 +226,11 @@ def _hooked(hook: object) -> bool:
 
 
 def _options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
-    """Triton's launch options of a configuration (maxnreg only when set)."""
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    """Triton's launch options of a configuration (maxnreg only when set). Fused multiply-adds
+    are asked for by name: the kernels are written and measured with them (the softmax's
+    scale-and-subtract, the rescaled accumulator), triton up to 3.9 enables them by default
+    and warns that 3.10 will not (``TRITON_DEFAULT_FP_FUSION``)."""
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     return options

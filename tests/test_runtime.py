@@ -183,7 +183,7 @@ def test_without_a_launcher_triton_launches_with_the_stages_that_fitted():
     _launch(kernel, x, 16, stages=3)
     compiles = [entry for entry in kernel.log if entry[0] == "compile"]
     assert [entry[5] for entry in compiles] == [3, 2, 2]
-    assert compiles[-1][3] == {"B": 7, "A": 3}
+    assert compiles[-1][3] == {"B": 7, "A": 3, "enable_fp_fusion": True}
 
 
 def test_a_profiler_hook_gets_tritons_own_runner(monkeypatch):
@@ -259,7 +259,8 @@ def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch):
 
 def test_a_register_cap_reaches_the_compiler_and_keys_the_compiled_kernel():
     """A configuration's maxnreg is passed to Triton as a launch option (retries with fewer
-    stages keep it), and launches that differ only in it compile separately."""
+    stages keep it), and launches that differ only in it compile separately. Every compile
+    asks for fused multiply-adds by name (triton 3.10 stops enabling them by default)."""
     kernel = FakeKernel(fail_above_stages=2)
     x = torch.randn(64)
     for maxnreg in (128, None, 128):
@@ -268,4 +269,6 @@ def test_a_register_cap_reaches_the_compiler_and_keys_the_compiled_kernel():
     compiles = [(entry[3].get("maxnreg"), entry[5]) for entry in kernel.log
                 if entry[0] == "compile"]
     assert compiles == [(128, 3), (128, 2), (None, 3), (None, 2)]
+    assert all(entry[3]["enable_fp_fusion"] is True for entry in kernel.log
+               if entry[0] == "compile")
     assert [entry[0] for entry in kernel.log[-1:]] == ["run"]  # the third launch: a relaunch
