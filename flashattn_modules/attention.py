@@ -296,8 +296,9 @@ class _FlashAttentionBase(nn.Module):
         """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (total_q, H, D).
 
         Without grad or dropout, CUDA and the ``triton`` CPU policy run the varlen kernel.
-        Otherwise (the varlen kernel has no backward yet) the sequences are gathered into a
-        right-aligned padded batch on the device and run densely, then gathered back."""
+        Otherwise the sequences are gathered into a right-aligned padded batch on the device
+        and run densely, then gathered back: one batched backward, where the varlen kernel's
+        backward loops over the sequences on the host."""
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         kernel_ok = (unsupported_by_kernels(q, q.shape[-1]) is None
                      and not (self.training and self.drop.p > 0)

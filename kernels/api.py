@@ -15,7 +15,7 @@ import torch
 
 from . import _launch, _plan, _runtime
 from ._launch import ScoreArgs
-from .torch_attention import attention_backward
+from .torch_attention import attention_backward, varlen_attention_backward
 
 Variant = Literal["v1", "v2", "auto"]
 _VARIANTS = ("v1", "v2", "auto")
@@ -237,20 +237,42 @@ def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlen
     return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
+@torch.library.custom_op("flashattn::attention_varlen_bwd", mutates_args=())
+def _varlen_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, alibi_slopes: torch.Tensor | None, sm_scale: float,
+    causal: bool, window_left: int, window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (total_q, H, D), dk and dv (total_k, Hkv, D) of the varlen op. An op of its own:
+    it reads the cumulative lengths on the host, which torch.compile must not trace."""
+    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, None, alibi_slopes)
+    return varlen_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q,
+                                     cu_seqlens_k, args)
+
+
+@_varlen_backward_op.register_fake
+def _varlen_backward_op_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                             alibi_slopes, sm_scale, causal, window_left, window_right,
+                             softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, alibi_slopes, cu_q, _, _, bshd, _, causal, sm_scale, window_left,
+    (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, _, bshd, _, causal, sm_scale, window_left,
      window_right, softcap) = inputs
-    if cu_q is not None:
-        raise ValueError("flash_attention_varlen has no backward: the packed (varlen) inputs "
-                         "must not require grad")
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k)
     ctx.bshd = bshd
     ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    if cu_q is not None:  # packed (T, H, D) inputs: sequence by sequence
+        grads = _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
+                                    alibi_slopes, *ctx.scalars)
+        return tuple(grads) + (None,) * 12
     args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
     if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
@@ -266,11 +288,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(*inputs):
-        (q, k, v, attn_mask, alibi_slopes, _, _, _, bshd, variant, causal, sm_scale,
-         window_left, window_right, softcap) = inputs
+        (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_seqlen_q, bshd, variant, causal,
+         sm_scale, window_left, window_right, softcap) = inputs
         args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
                          alibi_slopes)
-        return _run_kernel(q, k, v, args, variant, bshd, None, None, 0)
+        return _run_kernel(q, k, v, args, variant, bshd, cu_q, cu_k, max_seqlen_q)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
@@ -286,9 +308,6 @@ def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seql
               variant, causal, sm_scale, window_left, window_right, softcap)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    if needs_grad and cu_seqlens_q is not None:
-        raise ValueError("flash_attention_varlen has no backward: q, k and v must not "
-                         "require grad (or call it under torch.no_grad())")
     if torch.compiler.is_compiling():
         return _attention_op(*inputs)
     if needs_grad:
@@ -459,6 +478,10 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns:
         out (total_q, H, D), and lse (H, total_q) float32 with ``return_lse``.
+
+    Differentiable in q, k and v (and through lse): the backward recomputes attention in
+    PyTorch sequence by sequence (``kernels.torch_attention``), reading the cumulative lengths
+    on the host once per backward.
     """
     check_qkv(q, k, v, "thd", rank=3)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -481,6 +504,6 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=None,
                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = _call(q, k, v, None, args.alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, False, "v2", causal, args.sm_scale,
-                             args.window_left, args.window_right, args.softcap)
+                     max_seqlen_q, False, "v2", causal, args.sm_scale, args.window_left,
+                     args.window_right, args.softcap)
     return (out, lse) if return_lse else out

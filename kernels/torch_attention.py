@@ -1,10 +1,10 @@
 """The kernels' semantics written in PyTorch, blockwise over query rows.
 
-Two users: the backward pass (autograd recomputes attention from the saved lse), and callers
-that want our exact semantics without Triton (the modules' CPU policy). It never holds more
-than ``_CHUNK_ELEMENTS`` float32 scores at a time, so long sequences do not build the full
-Sq x Sk matrix. GQA is handled by viewing query heads as (kv_heads, group): K and V are never
-repeated.
+Two users: the backward pass (autograd recomputes attention from the saved lse; packed varlen
+inputs sequence by sequence), and callers that want our exact semantics without Triton (the
+modules' CPU policy). It never holds more than ``_CHUNK_ELEMENTS`` float32 scores at a time,
+so long sequences do not build the full Sq x Sk matrix. GQA is handled by viewing query heads
+as (kv_heads, group): K and V are never repeated.
 """
 
 from __future__ import annotations
@@ -118,6 +118,37 @@ def attention_backward(
         dq5[..., rows, :] = torch.matmul(ds, k5)
         dk5 += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
     return (dq5.flatten(1, 2).to(q.dtype), dk5[:, :, 0].to(k.dtype), dv5[:, :, 0].to(v.dtype))
+
+
+def varlen_attention_backward(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, args: ScoreArgs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of packed q (total_q, H, D), k and v (total_k, Hkv, D): ``attention_backward``
+    on each sequence in turn (grad_out and out (total_q, H, D), lse and grad_lse (H, total_q),
+    ``args.alibi_slopes`` (batch, H) or None). The cumulative lengths are read on the host,
+    one synchronisation per backward; rows outside every sequence get zero gradients."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+
+    def bhsd(x: torch.Tensor, rows: slice) -> torch.Tensor:
+        return x[rows].unsqueeze(0).transpose(1, 2)  # (1, heads, rows, D) view
+
+    for b in range(len(starts_q) - 1):
+        rq, rk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        if rq.start == rq.stop or rk.start == rk.stop:  # no rows, or rows that see no key
+            continue
+        slopes = args.alibi_slopes
+        seq_args = args._replace(alibi_slopes=None if slopes is None else slopes[b:b + 1])
+        seq_grad_lse = None if grad_lse is None else grad_lse[:, rq].unsqueeze(0)
+        dq_b, dk_b, dv_b = attention_backward(
+            bhsd(grad_out, rq), seq_grad_lse, bhsd(q, rq), bhsd(k, rk), bhsd(v, rk),
+            bhsd(out, rq), lse[:, rq].unsqueeze(0), seq_args)
+        dq[rq] = dq_b[0].transpose(0, 1)
+        dk[rk] = dk_b[0].transpose(0, 1)
+        dv[rk] = dv_b[0].transpose(0, 1)
+    return dq, dk, dv
 
 
 def default_scale(head_dim: int) -> float:

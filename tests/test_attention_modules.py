@@ -156,7 +156,7 @@ def test_varlen_matches_reference(cross, grad, calls):
     expected, _ = reference_varlen(q, k, v, cu_q, cu_k, **options)
     assert out.shape == (total_q, heads, head_dim)
     assert_matches(out, expected, TOL)
-    # The varlen kernel has no backward: with grad the module runs the dense kernel instead.
+    # With grad the module runs the padded dense path (one batched backward).
     assert calls == (["kernel_attention"] if grad else ["flash_attention_varlen"])
     if grad:
         grad_out = torch.randn_like(out)

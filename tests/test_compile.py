@@ -116,7 +116,7 @@ def _keep_mask(batch: int, seqlen_q: int, seqlen_k: int, device) -> torch.Tensor
 
 ENTRY_POINTS = ["v1_causal", "v2_all_options", "auto_float_mask", "bshd_lse", "bshd_bf16",
                 "varlen", "selector_decode"]
-GRAD_ENTRY_POINTS = ["v1_causal", "v2_all_options", "auto_float_mask", "bshd_lse"]
+GRAD_ENTRY_POINTS = ["v1_causal", "v2_all_options", "auto_float_mask", "bshd_lse", "varlen"]
 
 
 def _entry_point(name: str, device, dtype=torch.float32, *, seqlen: int = 8,
@@ -165,8 +165,8 @@ def _entry_point(name: str, device, dtype=torch.float32, *, seqlen: int = 8,
         return (lambda q, k, v, cu_q, cu_k, slopes: flash_attention_varlen(
                     q, k, v, cu_q, cu_k, 5, 6, causal=True, alibi_slopes=slopes,
                     return_lse=True),
-                (rand(8, heads, d, grad=False), rand(11, kv_heads, d, grad=False),
-                 rand(11, kv_heads, d, grad=False), cu_q, cu_k, torch.rand(heads, device=device)),
+                (rand(8, heads, d), rand(11, kv_heads, d), rand(11, kv_heads, d), cu_q, cu_k,
+                 torch.rand(heads, device=device)),
                 lambda q, k, v, cu_q, cu_k, slopes: reference_varlen(
                     q, k, v, cu_q, cu_k, causal=True, alibi_slopes=slopes))
     if name == "selector_decode":  # one query row against a 1024-key cache: split-KV
@@ -291,7 +291,7 @@ def _op_inputs(name: str, device="cpu", dtype=torch.float32, requires_grad: bool
 
 OPCHECK_CASES = [("v1_causal", False), ("v2_all_options", False), ("v2_all_options", True),
                  ("auto_float_mask", True), ("bshd_lse", False), ("bshd_lse", True),
-                 ("bshd_bf16", False), ("varlen", False)]
+                 ("bshd_bf16", False), ("varlen", False), ("varlen", True)]
 
 
 @pytest.mark.parametrize("name, requires_grad", OPCHECK_CASES)
@@ -314,22 +314,17 @@ def test_opcheck_split_kv_variant():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def test_op_refuses_or_differentiates_varlen():
-    """The op's registered backward is dense-only. Called directly with packed (varlen) inputs
-    that require grad, the op must either refuse clearly (ValueError / NotImplementedError
-    naming varlen) or give the right gradients; never a shape error from deep inside the
-    backward, nor wrong gradients."""
+def test_op_differentiates_varlen():
+    """Called directly with packed (varlen) inputs that require grad, the op's registered
+    backward (the varlen backward op, sequence by sequence) gives the reference's
+    gradients."""
     inputs = list(_op_inputs("varlen"))
     q, k, v = (x.detach().clone().requires_grad_() for x in inputs[:3])
     inputs[:3] = q, k, v
     slopes, cu_q, cu_k, causal, scale = inputs[4], inputs[5], inputs[6], inputs[10], inputs[11]
-    try:
-        out, _ = OP(*inputs)
-        grad_out = torch.randn_like(out)
-        (out * grad_out).sum().backward()
-    except (ValueError, NotImplementedError) as exc:
-        assert "varlen" in str(exc).lower(), exc
-        return
+    out, _ = OP(*inputs)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref, _ = reference_varlen(q64, k64, v64, cu_q, cu_k, causal=causal, softmax_scale=scale,
                               alibi_slopes=slopes)

@@ -393,8 +393,9 @@ _VARLEN_PARAMS = [pytest.param(case, F32, id=f"{case}-fp32") for case in VARLEN_
                         ("window-mqa", BF16))]
 
 
-@pytest.mark.parametrize("case, dtype", _VARLEN_PARAMS)
-def test_varlen(case, dtype):
+def _varlen_inputs(case: str, dtype: torch.dtype):
+    """Packed q, k, v (head_dim 40), cu_seqlens_q, cu_seqlens_k, max lengths and options of
+    a ``VARLEN_CASES`` case."""
     lq, lk, h, hkv, opts = VARLEN_CASES[case]
     opts = dict(opts)
     alibi = opts.pop("alibi", None)
@@ -402,12 +403,16 @@ def test_varlen(case, dtype):
         opts["alibi_slopes"] = alibi_slopes(h, len(lq) if alibi == "BH" else None)
     d = 40
     q, k, v = _pack(lq, h, d, dtype), _pack(lk, hkv, d, dtype), _pack(lk, hkv, d, dtype)
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), return_lse=True,
-                                      **opts)
+    return q, k, v, _cu(lq), _cu(lk), (max(lq), max(lk)), opts
+
+
+@pytest.mark.parametrize("case, dtype", _VARLEN_PARAMS)
+def test_varlen(case, dtype):
+    q, k, v, cu_q, cu_k, max_lens, opts = _varlen_inputs(case, dtype)
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, *max_lens, return_lse=True, **opts)
     ref, ref_lse = reference_varlen(q, k, v, cu_q, cu_k, **opts)
     assert out.shape == q.shape and out.dtype == dtype
-    assert lse.shape == (h, sum(lq))
+    assert lse.shape == (q.shape[1], q.shape[0])
     assert_matches(out, ref, TOLERANCE[dtype])
     assert_lse_matches(lse, ref_lse)
 
@@ -532,6 +537,45 @@ def test_gradient_needs_no_grad_of_k():
     (ref * g.double()).sum().backward()
     assert_matches(q.grad, q64.grad, TOLERANCE[F32], what="dq")
     assert k.grad is None and v.grad is None
+
+
+_VARLEN_GRAD_PARAMS = [pytest.param(case, F32, id=f"{case}-fp32") for case in VARLEN_CASES] + [
+    pytest.param("causal-gqa", F16, id="causal-gqa-fp16"),
+    pytest.param("softcap-alibiH", BF16, id="softcap-alibiH-bf16")]
+
+
+def _check_varlen_gradients(case: str, dtype: torch.dtype, device, tol: float) -> None:
+    """Gradients of a ``VARLEN_CASES`` case on ``device`` (through out and lse) against
+    float64 autograd of the per-sequence reference; rows that see no key get zero
+    gradients."""
+    q, k, v, cu_q, cu_k, max_lens, opts = _varlen_inputs(case, dtype)
+    q, k, v = (x.to(device).requires_grad_() for x in (q, k, v))
+    cu_q, cu_k = cu_q.to(device), cu_k.to(device)
+    opts = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in opts.items()}
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, *max_lens, return_lse=True, **opts)
+    grad_out = torch.randn(out.shape, device=device).to(dtype)
+    grad_lse = torch.randn(lse.shape, device=device)
+    ((out.float() * grad_out.float()).sum() + (_finite_or_zero(lse) * grad_lse).sum()
+     ).backward()
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_varlen(q64, k64, v64, cu_q, cu_k, **opts)
+    ((ref * grad_out.double()).sum() + (_finite_or_zero(ref_lse) * grad_lse.double()).sum()
+     ).backward()
+    assert_matches(out, ref, tol)
+    for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert x.grad is not None and x.grad.dtype == dtype and x.grad.shape == x.shape
+        assert_matches(x.grad, x64.grad, tol, what=name)
+    empty = (ref_lse == NEG_INF).T  # (total_q, H): rows that see no key
+    assert (q.grad[empty] == 0).all()
+    if case == "empty-seqs":
+        assert empty.any()
+
+
+@pytest.mark.parametrize("case, dtype", _VARLEN_GRAD_PARAMS)
+def test_varlen_gradients(case, dtype):
+    """Packed sequences: GQA/MQA, windows, softcap, ALiBi, empty sequences."""
+    _check_varlen_gradients(case, dtype, "cpu", TOLERANCE[dtype])
 
 
 # ============================================================================= GPU
@@ -838,6 +882,15 @@ def test_gpu_varlen(case, dtype, gpu_device):
     ref, ref_lse = reference_varlen(q, k, v, cu_q, cu_k, **opts)
     assert_matches(out, ref, GPU_TOL[dtype])
     assert_lse_matches(lse, ref_lse, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, dtype", [("causal-gqa", F16), ("softcap-alibiH", BF16),
+                                         ("empty-seqs", BF16), ("alibiBH-scale", F32)],
+                         ids=["causal-gqa-fp16", "softcap-alibiH-bf16", "empty-seqs-bf16",
+                              "alibiBH-scale-fp32"])
+def test_gpu_varlen_gradients(case, dtype, gpu_device):
+    _check_varlen_gradients(case, dtype, gpu_device, _gpu_tol(dtype) * (1 if dtype == F32 else 2))
 
 
 @pytest.mark.gpu
