@@ -14,8 +14,9 @@ from typing import Literal, overload
 import torch
 
 from . import _launch, _plan, _runtime
+from ._backward import dense_backward
 from ._launch import ScoreArgs
-from .torch_attention import attention_backward, varlen_attention_backward
+from .torch_attention import varlen_attention_backward
 
 Variant = Literal["v1", "v2", "auto"]
 _VARIANTS = ("v1", "v2", "auto")
@@ -265,10 +266,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k)
     ctx.bshd = bshd
     ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
+    # An output that takes no part in the loss gets None rather than zeros: a call whose lse
+    # is unused can then take FlashAttention-2's backward (kernels._backward).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None:  # only lse takes part in the loss
+        grad_out = torch.zeros_like(out)
     if cu_q is not None:  # packed (T, H, D) inputs: sequence by sequence
         grads = _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
                                     alibi_slopes, *ctx.scalars)
@@ -276,7 +282,7 @@ def _backward(ctx, grad_out, grad_lse):
     args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
     if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
-    dq, dk, dv = attention_backward(grad_out, grad_lse, q, k, v, out, lse, args)
+    dq, dk, dv = dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
     return (dq, dk, dv) + (None,) * 12
 
 

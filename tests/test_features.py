@@ -578,6 +578,39 @@ def test_varlen_gradients(case, dtype):
     _check_varlen_gradients(case, dtype, "cpu", TOLERANCE[dtype])
 
 
+def test_flash_attention_2_backward_covers_only_what_it_computes(monkeypatch):
+    """The decision table of kernels._backward (a CUDA device with FlashAttention-2 faked):
+    plain, causal, windowed and GQA calls in fp16/bf16 take FlashAttention-2's backward; a
+    mask, ALiBi, softcap, a gradient into lse, float32, a head_dim that is not a multiple of
+    8, or over 256 (over 192 below sm80/sm90), or a GPU before sm80 keep the blockwise one."""
+    from kernels import _backward
+    from kernels._launch import ScoreArgs
+
+    capability = (9, 0)
+    monkeypatch.setattr(_backward._runtime, "capability", lambda device: capability)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_backward, "_FA2_WINDOWS", True)
+    cuda = torch.device("cuda")
+    plain = ScoreArgs(0.125, True, 7, 0, 0.0, None, None)
+
+    def covers(args=plain, dtype=F16, head_dim=64, grad_lse=None, device=cuda):
+        return _backward.fa2_covers(device, dtype, head_dim, args, grad_lse)
+
+    assert covers() and covers(dtype=BF16, head_dim=256)
+    assert covers(plain._replace(causal=False, window_left=-1, window_right=-1), head_dim=8)
+    assert not covers(plain._replace(attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)))
+    assert not covers(plain._replace(alibi_slopes=torch.ones(1, 1)))
+    assert not covers(plain._replace(softcap=5.0))
+    assert not covers(grad_lse=torch.zeros(1))
+    assert not covers(dtype=F32)
+    assert not covers(head_dim=40 + 4) and not covers(head_dim=264)
+    assert not covers(device=torch.device("cpu"))
+    capability = (8, 6)
+    assert covers(head_dim=192) and not covers(head_dim=256)
+    capability = (7, 5)
+    assert not covers()
+
+
 # ============================================================================= GPU
 # Run by hand on a CUDA machine: ``pytest -m gpu tests/test_features.py``. One process
 # compiles each constexpr combination once (1-3 s each), so the cases below share shapes and
@@ -899,7 +932,13 @@ def test_gpu_varlen_gradients(case, dtype, gpu_device):
     ("softcap-alibi-v1", BF16), ("window-v2", F16)],
     ids=["causal-empty-rows-v1-fp16", "gqa-causal-bshd-bf16", "bool-mask-empty-rows-v2-fp32",
          "softcap-alibi-v1-bf16", "window-v2-fp16"])
-def test_gpu_gradients(case, dtype, gpu_device):
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
+def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
+    """Through out alone, the fp16/bf16 cases without mask, ALiBi or softcap take
+    FlashAttention-2's backward (kernels._backward), rows that see no key included; with lse
+    in the loss, or with those options, the blockwise one. Both match the reference."""
+    from kernels import _backward
+
     api, _, dims, options, mask_kind = GRAD_CASES[case]
     b, h, hkv, sq, sk, d = dims
     dims = (b, h, hkv, sq * 9, sk * 9, d)
@@ -907,11 +946,21 @@ def test_gpu_gradients(case, dtype, gpu_device):
     q, k, v = (x.to(gpu_device).requires_grad_() for x in (q, k, v))
     opts = {n: (x.to(gpu_device) if isinstance(x, torch.Tensor) else x)
             for n, x in opts.items()}
+    fa2_calls = []
+    real = _backward._FA2_BACKWARD
+
+    def counted(*args, **kwargs):
+        fa2_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_backward, "_FA2_BACKWARD", counted)
     out, lse = call(api, q, k, v, return_lse=True, **opts)
     grad_out = torch.randn(out.shape, device=gpu_device).to(dtype)
-    grad_lse = torch.randn(lse.shape, device=gpu_device)
-    ((out.float() * grad_out.float()).sum() + (_finite_or_zero(lse) * grad_lse).sum()
-     ).backward()
+    grad_lse = torch.randn(lse.shape, device=gpu_device) * with_lse
+    loss = (out.float() * grad_out.float()).sum()
+    if with_lse:
+        loss = loss + (_finite_or_zero(lse) * grad_lse).sum()
+    loss.backward()
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = reference_attention(q64, k64, v64, layout=layout_of(api), **opts)
     ((ref * grad_out.double()).sum() + (_finite_or_zero(ref_lse) * grad_lse.double()).sum()
@@ -919,6 +968,12 @@ def test_gpu_gradients(case, dtype, gpu_device):
     tol = _gpu_tol(dtype) * (1 if dtype == F32 else 2)
     for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert_matches(x.grad, x64.grad, tol, what=name)
+    covered = (dtype != F32 and mask_kind is None and not options.get("softcap")
+               and not options.get("alibi_slopes"))
+    assert len(fa2_calls) == (1 if covered and not with_lse else 0)
+    empty = ref_lse == NEG_INF  # (B, H, Sq): rows that see no key get zero gradient
+    dq = q.grad if api != "bshd" else q.grad.transpose(1, 2)
+    assert (dq[empty] == 0).all()
 
 
 @pytest.mark.gpu
