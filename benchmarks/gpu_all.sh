@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, in one device call, on one GPU or split over two (lane 0:
 # the GPU tests, then bench_hf's Llama half; lane 1: bench_attention in both dtypes,
-# bench_features, bench_encoder, bench_hf's GPT-2 half; then, with two GPUs, the tests that
-# need both). Writes to $OUT (default
+# bench_features, bench_encoder, bench_backward, bench_hf's GPT-2 half; then, with two GPUs,
+# the tests that need both). Writes to $OUT (default
 # /tmp/gpu_all): tests.log, lane0.log, lane1.log, RESULTS_lane0.md, RESULTS_lane1.md and the
 # two attention JSON files.
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh
@@ -38,6 +38,7 @@ lane1() {
     timeout 120 python3 benchmarks/bench_features.py --out "$out/RESULTS_lane1.md"
     timeout 90 python3 benchmarks/bench_features.py --short-decode
     timeout 120 python3 benchmarks/bench_encoder.py --out "$out/RESULTS_lane1.md"
+    timeout 150 python3 benchmarks/bench_backward.py --out "$out/RESULTS_lane1.md"
     [ "$parts" = kernels ] || \
         timeout 240 python3 benchmarks/bench_hf.py --models gpt2 --out "$out/RESULTS_lane1.md"
 }

@@ -582,7 +582,9 @@ def test_flash_attention_2_backward_covers_only_what_it_computes(monkeypatch):
     """The decision table of kernels._backward (a CUDA device with FlashAttention-2 faked):
     plain, causal, windowed and GQA calls in fp16/bf16 take FlashAttention-2's backward; a
     mask, ALiBi, softcap, a gradient into lse, float32, a head_dim that is not a multiple of
-    8, or over 256 (over 192 below sm80/sm90), or a GPU before sm80 keep the blockwise one."""
+    8, or over 256 (over 192 below sm80/sm90), or a GPU before sm80 keep the blockwise one.
+    cuDNN's takes those without a window, causal only when Sq == Sk, on sm90, unless
+    deterministic algorithms are on."""
     from kernels import _backward
     from kernels._launch import ScoreArgs
 
@@ -609,6 +611,21 @@ def test_flash_attention_2_backward_covers_only_what_it_computes(monkeypatch):
     assert covers(head_dim=192) and not covers(head_dim=256)
     capability = (7, 5)
     assert not covers()
+
+    # cuDNN's backward, among those: no window, causal only when Sq == Sk, sm90 only
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    capability = (9, 0)
+    assert _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
+    assert _backward.cudnn_covers(cuda, 48, 64, ScoreArgs(0.1, False, -1, -1, 0.0, None, None))
+    assert not _backward.cudnn_covers(cuda, 48, 64, plain._replace(window_left=-1))
+    assert not _backward.cudnn_covers(cuda, 64, 64, plain)  # a left window
+    assert not _backward.cudnn_covers(cuda, 64, 64, ScoreArgs(0.1, False, -1, 3, 0.0, None,
+                                                                None))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    capability = (8, 0)
+    assert not _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
 
 
 # ============================================================================= GPU
@@ -934,10 +951,11 @@ def test_gpu_varlen_gradients(case, dtype, gpu_device):
          "softcap-alibi-v1-bf16", "window-v2-fp16"])
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
 def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
-    """Through out alone, the fp16/bf16 cases without mask, ALiBi or softcap take
+    """Through out alone, the fp16/bf16 cases without mask, ALiBi or softcap take cuDNN's or
     FlashAttention-2's backward (kernels._backward), rows that see no key included; with lse
-    in the loss, or with those options, the blockwise one. Both match the reference."""
+    in the loss, or with those options, the blockwise one. All match the reference."""
     from kernels import _backward
+    from kernels.api import score_args
 
     api, _, dims, options, mask_kind = GRAD_CASES[case]
     b, h, hkv, sq, sk, d = dims
@@ -946,14 +964,18 @@ def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     q, k, v = (x.to(gpu_device).requires_grad_() for x in (q, k, v))
     opts = {n: (x.to(gpu_device) if isinstance(x, torch.Tensor) else x)
             for n, x in opts.items()}
-    fa2_calls = []
-    real = _backward._FA2_BACKWARD
+    calls = []
 
-    def counted(*args, **kwargs):
-        fa2_calls.append(1)
-        return real(*args, **kwargs)
+    def counted(name):
+        real = getattr(_backward, name)
 
-    monkeypatch.setattr(_backward, "_FA2_BACKWARD", counted)
+        def run(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return run
+
+    for name in ("_FA2_BACKWARD", "_CUDNN_BACKWARD"):
+        monkeypatch.setattr(_backward, name, counted(name))
     out, lse = call(api, q, k, v, return_lse=True, **opts)
     grad_out = torch.randn(out.shape, device=gpu_device).to(dtype)
     grad_lse = torch.randn(lse.shape, device=gpu_device) * with_lse
@@ -969,8 +991,13 @@ def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert_matches(x.grad, x64.grad, tol, what=name)
     covered = (dtype != F32 and mask_kind is None and not options.get("softcap")
-               and not options.get("alibi_slopes"))
-    assert len(fa2_calls) == (1 if covered and not with_lse else 0)
+               and not options.get("alibi_slopes") and not with_lse)
+    cudnn = _backward.cudnn_covers(q.device, sq * 9, sk * 9, score_args(
+        q if api != "bshd" else q.transpose(1, 2), k if api != "bshd" else k.transpose(1, 2),
+        causal=opts.get("causal", False), softmax_scale=None, attn_mask=None,
+        window_size=opts.get("window_size", (-1, -1)), softcap=0.0, alibi_slopes=None))
+    expected = ["_CUDNN_BACKWARD" if cudnn else "_FA2_BACKWARD"] if covered else []
+    assert calls == expected
     empty = ref_lse == NEG_INF  # (B, H, Sq): rows that see no key get zero gradient
     dq = q.grad if api != "bshd" else q.grad.transpose(1, 2)
     assert (dq[empty] == 0).all()
