@@ -267,7 +267,7 @@ def _setup_context(ctx, inputs, output):
     ctx.bshd = bshd
     ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
     # An output that takes no part in the loss gets None rather than zeros: a call whose lse
-    # is unused can then take FlashAttention-2's backward (kernels._backward).
+    # is unused can then take a fused backward kernel (kernels._backward).
     ctx.set_materialize_grads(False)
 
 
