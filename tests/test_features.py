@@ -525,6 +525,32 @@ def test_gradients(case, with_lse):
         assert (dq[empty] == 0).all()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_gradient_through_lse_alone(packed):
+    """A loss on lse alone (out takes no part: its gradient arrives as None) still gives
+    the reference's gradients of q and k, and a zero gradient of v."""
+    if packed:
+        lengths = [7, 12]
+        q, k, v = (_pack(lengths, 2, 32, F32).requires_grad_() for _ in range(3))
+        cu = _cu(lengths)
+        _, lse = flash_attention_varlen(q, k, v, cu, cu, 12, 12, causal=True,
+                                        return_lse=True)
+    else:
+        q, k, v = (x.requires_grad_() for x in make_qkv(2, 2, 17, 20, 32))
+        _, lse = flash_attention(q, k, v, variant="v2", causal=True, return_lse=True)
+    weights = torch.randn(lse.shape)
+    (_finite_or_zero(lse) * weights).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    if packed:
+        _, ref_lse = reference_varlen(q64, k64, v64, cu, cu, causal=True)
+    else:
+        _, ref_lse = reference_attention(q64, k64, v64, causal=True)
+    (_finite_or_zero(ref_lse) * weights.double()).sum().backward()
+    assert_matches(q.grad, q64.grad, TOLERANCE[F32], what="dq")
+    assert_matches(k.grad, k64.grad, TOLERANCE[F32], what="dk")
+    assert v.grad is not None and (v.grad == 0).all()
+
+
 def test_gradient_needs_no_grad_of_k():
     """Only q requires grad: dq still matches and k, v get none."""
     q, k, v = make_qkv(2, 2, 17, 20, 32)
