@@ -14,9 +14,8 @@ from typing import Literal, overload
 import torch
 
 from . import _launch, _plan, _runtime
-from ._backward import dense_backward
+from ._backward import dense_backward, varlen_backward
 from ._launch import ScoreArgs
-from .torch_attention import varlen_attention_backward
 
 Variant = Literal["v1", "v2", "auto"]
 _VARIANTS = ("v1", "v2", "auto")
@@ -210,11 +209,14 @@ def _dispatch(q, k, v, out, lse, args, variant, cu_seqlens_q, cu_seqlens_k, max_
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, bshd: bool, variant: str,
-    causal: bool, sm_scale: float, window_left: int, window_right: int, softcap: float,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, bshd: bool,
+    variant: str, causal: bool, sm_scale: float, window_left: int, window_right: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Sq, D), k/v (B, Hkv, Sk, D) views (varlen: (T, H, D)); returns out, (B, Sq,
-    H, D) when ``bshd`` else (B, H, Sq, D), and lse (B, H, Sq) (varlen: (H, T))."""
+    H, D) when ``bshd`` else (B, H, Sq, D), and lse (B, H, Sq) (varlen: (H, T)). The maximum
+    lengths bound the packed sequences (0 for dense calls); only the backward reads
+    ``max_seqlen_k``."""
     if cu_seqlens_q is None:  # direct calls may pass unexpanded masks and slopes: free views
         batch, heads, seqlen_q = q.shape[:3]
         if attn_mask is not None:
@@ -228,8 +230,8 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, bshd, variant, causal, sm_scale, window_left, window_right,
-                       softcap):
+                       max_seqlen_q, max_seqlen_k, bshd, variant, causal, sm_scale, window_left,
+                       window_right, softcap):
     if cu_seqlens_q is not None:
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
@@ -242,29 +244,32 @@ def _attention_op_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlen
 def _varlen_backward_op(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, alibi_slopes: torch.Tensor | None, sm_scale: float,
-    causal: bool, window_left: int, window_right: int, softcap: float,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    alibi_slopes: torch.Tensor | None, sm_scale: float, causal: bool, window_left: int,
+    window_right: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (total_q, H, D), dk and dv (total_k, Hkv, D) of the varlen op. An op of its own:
-    it reads the cumulative lengths on the host, which torch.compile must not trace."""
+    its blockwise fallback reads the cumulative lengths on the host, which torch.compile must
+    not trace."""
     args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, None, alibi_slopes)
-    return varlen_attention_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q,
-                                     cu_seqlens_k, args)
+    return varlen_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                           max_seqlen_q, max_seqlen_k, args)
 
 
 @_varlen_backward_op.register_fake
 def _varlen_backward_op_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                             alibi_slopes, sm_scale, causal, window_left, window_right,
-                             softcap):
+                             max_seqlen_q, max_seqlen_k, alibi_slopes, sm_scale, causal,
+                             window_left, window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, _, bshd, _, causal, sm_scale, window_left,
-     window_right, softcap) = inputs
+    (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bshd, _, causal,
+     sm_scale, window_left, window_right, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k)
     ctx.bshd = bshd
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.scalars = (sm_scale, causal, window_left, window_right, softcap)
     # An output that takes no part in the loss gets None rather than zeros: a call whose lse
     # is unused can then take a fused backward kernel (kernels._backward).
@@ -275,15 +280,15 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:  # only lse takes part in the loss
         grad_out = torch.zeros_like(out)
-    if cu_q is not None:  # packed (T, H, D) inputs: sequence by sequence
+    if cu_q is not None:  # packed (T, H, D) inputs
         grads = _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
-                                    alibi_slopes, *ctx.scalars)
-        return tuple(grads) + (None,) * 12
+                                    *ctx.max_seqlens, alibi_slopes, *ctx.scalars)
+        return tuple(grads) + (None,) * 13
     args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
     if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
     dq, dk, dv = dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -294,7 +299,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(*inputs):
-        (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_seqlen_q, bshd, variant, causal,
+        (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_seqlen_q, _, bshd, variant, causal,
          sm_scale, window_left, window_right, softcap) = inputs
         args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
                          alibi_slopes)
@@ -304,14 +309,15 @@ class _EagerAttention(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
-          variant, causal, sm_scale, window_left, window_right, softcap, *, return_lse=True):
+def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+          max_seqlen_k, bshd, variant, causal, sm_scale, window_left, window_right, softcap, *,
+          return_lse=True):
     """Run the op (arguments: the op's inputs): through the registered custom op when
     torch.compile traces, otherwise directly (the custom op's Python dispatch costs tens of
     microseconds per call, which a decode step cannot hide). A direct call that needs no
     gradient skips the lse unless ``return_lse`` (its second result is then None)."""
-    inputs = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bshd,
-              variant, causal, sm_scale, window_left, window_right, softcap)
+    inputs = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+              max_seqlen_k, bshd, variant, causal, sm_scale, window_left, window_right, softcap)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
     if torch.compiler.is_compiling():
@@ -393,8 +399,8 @@ def _general(q, k, v, out_bshd, variant, causal, softmax_scale, return_lse, attn
     recorder = _plan.active_recorder()
     if recorder is not None:
         recorder.variant = variant
-    return _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, out_bshd, variant,
-                 causal, args.sm_scale, args.window_left, args.window_right, args.softcap,
+    return _call(q, k, v, args.attn_mask, args.alibi_slopes, None, None, 0, 0, out_bshd,
+                 variant, causal, args.sm_scale, args.window_left, args.window_right, args.softcap,
                  return_lse=return_lse)
 
 
@@ -442,7 +448,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, variant="v1",
         out (B, H, Sq, D) in q's dtype, and lse (B, H, Sq) if ``return_lse``. A row that sees
         no key gives 0 (lse -inf). Float32 inputs use TF32 matrix units on the GPU only when
         ``torch.get_float32_matmul_precision()`` is not "highest". Differentiable in q, k, v
-        (backward recomputed blockwise in PyTorch, see ``kernels.torch_attention``).
+        (and through lse): PyTorch's fused cuDNN or FlashAttention-2 backward kernels where
+        they cover the call, else a blockwise recomputation in PyTorch (``kernels._backward``
+        says which).
     """
     _check_variant(variant)
     return attention(q, k, v, layout="bhsd", out_bshd=False, variant=variant, causal=causal,
@@ -485,9 +493,10 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         out (total_q, H, D), and lse (H, total_q) float32 with ``return_lse``.
 
-    Differentiable in q, k and v (and through lse): the backward recomputes attention in
-    PyTorch sequence by sequence (``kernels.torch_attention``), reading the cumulative lengths
-    on the host once per backward.
+    Differentiable in q, k and v (and through lse): FlashAttention-2's varlen backward kernel
+    where it covers the call (fp16/bf16 on sm80+, no ALiBi or softcap, no gradient into lse;
+    ``kernels._backward``), else a recomputation in PyTorch sequence by sequence that reads
+    the cumulative lengths on the host once per backward.
     """
     check_qkv(q, k, v, "thd", rank=3)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -510,6 +519,6 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = score_args(qv, kv, causal=causal, softmax_scale=softmax_scale, attn_mask=None,
                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = _call(q, k, v, None, args.alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, False, "v2", causal, args.sm_scale, args.window_left,
-                     args.window_right, args.softcap)
+                     max_seqlen_q, max_seqlen_k, False, "v2", causal, args.sm_scale,
+                     args.window_left, args.window_right, args.softcap)
     return (out, lse) if return_lse else out

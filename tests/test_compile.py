@@ -52,6 +52,7 @@ from tests.reference import (
 )
 
 OP = torch.ops.flashattn.attention_fwd.default
+ARG = {arg.name: i for i, arg in enumerate(OP._schema.arguments)}  # the op's input positions
 NOTICE_WORDS = ("computed through PyTorch", "not supported by the kernels")
 
 
@@ -309,7 +310,7 @@ def test_opcheck_split_kv_variant():
     q = torch.randn(1, 4, 1, 16)
     k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     captured = _captured_op_inputs(lambda: SelectedKernel("splitkv")(q, k, v))
-    assert captured[0][9] == "splitkv"
+    assert captured[0][ARG["variant"]] == "splitkv"
     result = torch.library.opcheck(OP, captured[0])
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -321,7 +322,8 @@ def test_op_differentiates_varlen():
     inputs = list(_op_inputs("varlen"))
     q, k, v = (x.detach().clone().requires_grad_() for x in inputs[:3])
     inputs[:3] = q, k, v
-    slopes, cu_q, cu_k, causal, scale = inputs[4], inputs[5], inputs[6], inputs[10], inputs[11]
+    slopes, cu_q, cu_k, causal, scale = (inputs[ARG[name]] for name in (
+        "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "causal", "sm_scale"))
     out, _ = OP(*inputs)
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()

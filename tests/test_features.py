@@ -459,7 +459,9 @@ def test_varlen_errors():
 # ----------------------------------------------------------------------------- autograd
 
 GRAD_CASES = {
-    # name: (api, dtype, (B, H, Hkv, Sq, Sk, D), options, mask kind)
+    # name: (api, dtype, (B, H, Hkv, Sq, Sk, D), options, mask kind): a random (B, 1, Sq, Sk)
+    # mask ("bool"; "float" in float32, "float-same-dtype" in the inputs' dtype) or a
+    # key-padding mask (B, 1, 1, Sk) ("padding": the last quarter of the keys of batch 0)
     "plain-v2": ("v2", F32, (2, 2, 2, 17, 33, 40), {}, None),
     "causal-empty-rows-v1": ("v1", F32, (2, 2, 2, 33, 17, 40), dict(causal=True), None),
     "gqa-causal-bshd": ("bshd", F32, (2, 4, 2, 20, 20, 32), dict(causal=True), None),
@@ -473,6 +475,8 @@ GRAD_CASES = {
                     dict(causal=True, softcap=5.0, alibi_slopes="H", window_size=(9, -1)),
                     "float"),
     "causal-bf16-bshd": ("bshd", BF16, (2, 2, 2, 33, 20, 40), dict(causal=True), "bool"),
+    "padded-causal-v2": ("v2", F16, (2, 4, 2, 20, 20, 40), dict(causal=True), "padding"),
+    "fp16-mask-bshd": ("bshd", F16, (2, 2, 2, 20, 33, 32), {}, "float-same-dtype"),
 }
 
 
@@ -485,8 +489,13 @@ def _grad_inputs(api, dtype, dims, options, mask_kind):
         opts["alibi_slopes"] = alibi_slopes(h)
     elif opts.get("alibi_slopes") == "BH":
         opts["alibi_slopes"] = alibi_slopes(h, b)
-    if mask_kind is not None:
-        opts["attn_mask"] = make_mask((b, 1, sq, sk), mask_kind)
+    if mask_kind == "padding":
+        opts["attn_mask"] = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        opts["attn_mask"][0, ..., sk - sk // 4:] = False
+    elif mask_kind is not None:
+        native = mask_kind == "float-same-dtype"
+        opts["attn_mask"] = make_mask((b, 1, sq, sk), "float" if native else mask_kind,
+                                      dtype=dtype if native else F32)
     return q, k, v, opts
 
 
@@ -570,30 +579,38 @@ _VARLEN_GRAD_PARAMS = [pytest.param(case, F32, id=f"{case}-fp32") for case in VA
     pytest.param("softcap-alibiH", BF16, id="softcap-alibiH-bf16")]
 
 
-def _check_varlen_gradients(case: str, dtype: torch.dtype, device, tol: float) -> None:
-    """Gradients of a ``VARLEN_CASES`` case on ``device`` (through out and lse) against
-    float64 autograd of the per-sequence reference; rows that see no key get zero
-    gradients."""
+def _check_varlen_gradients(case: str, dtype: torch.dtype, device, tol: float,
+                            with_lse: bool = True, tail: int = 0) -> None:
+    """Gradients of a ``VARLEN_CASES`` case on ``device`` (through out, and lse if
+    ``with_lse``) against float64 autograd of the per-sequence reference; rows that see no
+    key, and ``tail`` rows of q, k and v after the last sequence, get zero gradients."""
     q, k, v, cu_q, cu_k, max_lens, opts = _varlen_inputs(case, dtype)
+    q, k, v = (torch.cat([x, torch.randn(tail, *x.shape[1:]).to(dtype)]) for x in (q, k, v))
     q, k, v = (x.to(device).requires_grad_() for x in (q, k, v))
     cu_q, cu_k = cu_q.to(device), cu_k.to(device)
     opts = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in opts.items()}
     out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, *max_lens, return_lse=True, **opts)
     grad_out = torch.randn(out.shape, device=device).to(dtype)
-    grad_lse = torch.randn(lse.shape, device=device)
-    ((out.float() * grad_out.float()).sum() + (_finite_or_zero(lse) * grad_lse).sum()
-     ).backward()
+    grad_out[q.shape[0] - tail:] = 0  # the rows after the last sequence are not outputs
+    grad_lse = torch.randn(lse.shape, device=device) * with_lse
+    loss = (out.float() * grad_out.float()).sum()
+    if with_lse:  # otherwise lse takes no part in the loss (no gradient flows into it)
+        loss = loss + (_finite_or_zero(lse) * grad_lse).sum()
+    loss.backward()
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref, ref_lse = reference_varlen(q64, k64, v64, cu_q, cu_k, **opts)
-    ((ref * grad_out.double()).sum() + (_finite_or_zero(ref_lse) * grad_lse.double()).sum()
-     ).backward()
-    assert_matches(out, ref, tol)
+    rows = ref.shape[0]  # the sequences' rows (the reference leaves the tail out)
+    ((ref * grad_out[:rows].double()).sum()
+     + (_finite_or_zero(ref_lse) * grad_lse[:, :rows].double()).sum()).backward()
+    assert_matches(out[:rows], ref, tol)
     for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert x.grad is not None and x.grad.dtype == dtype and x.grad.shape == x.shape
         assert_matches(x.grad, x64.grad, tol, what=name)
     empty = (ref_lse == NEG_INF).T  # (total_q, H): rows that see no key
-    assert (q.grad[empty] == 0).all()
+    assert (q.grad[:rows][empty] == 0).all()
+    for x in (q, k, v):
+        assert (x.grad[x.shape[0] - tail:] == 0).all()
     if case == "empty-seqs":
         assert empty.any()
 
@@ -638,20 +655,144 @@ def test_flash_attention_2_backward_covers_only_what_it_computes(monkeypatch):
     capability = (7, 5)
     assert not covers()
 
-    # cuDNN's backward, among those: no window, causal only when Sq == Sk, sm90 only
+    # cuDNN's backward: no window, causal only when Sq == Sk, sm90 only; masks as a bias of
+    # the inputs' dtype (bool, or floating in that dtype)
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
     capability = (9, 0)
-    assert _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
-    assert _backward.cudnn_covers(cuda, 48, 64, ScoreArgs(0.1, False, -1, -1, 0.0, None, None))
-    assert not _backward.cudnn_covers(cuda, 48, 64, plain._replace(window_left=-1))
-    assert not _backward.cudnn_covers(cuda, 64, 64, plain)  # a left window
-    assert not _backward.cudnn_covers(cuda, 64, 64, ScoreArgs(0.1, False, -1, 3, 0.0, None,
-                                                                None))
+    causal = plain._replace(window_left=-1)
+
+    def cudnn(sq=64, sk=64, args=causal, dtype=F16, head_dim=64, grad_lse=None):
+        return _backward.cudnn_covers(cuda, dtype, head_dim, sq, sk, args, grad_lse)
+
+    assert cudnn() and cudnn(48, 64, ScoreArgs(0.1, False, -1, -1, 0.0, None, None))
+    assert not cudnn(48, 64)
+    assert not cudnn(args=plain)  # a left window
+    assert not cudnn(args=ScoreArgs(0.1, False, -1, 3, 0.0, None, None))
+    for mask, dtype, taken in ((torch.ones(1, 1, 1, 64, dtype=torch.bool), BF16, True),
+                               (torch.zeros(1, 1, 64, 64, dtype=F16), F16, True),
+                               (torch.zeros(1, 1, 64, 64, dtype=F32), F16, False),
+                               (torch.zeros(1, 1, 64, 64, dtype=F16), BF16, False)):
+        assert cudnn(args=causal._replace(attn_mask=mask), dtype=dtype) == taken
+    assert not cudnn(args=causal._replace(alibi_slopes=torch.ones(1, 1)))
+    assert not cudnn(args=causal._replace(softcap=5.0))
+    assert not cudnn(grad_lse=torch.zeros(1)) and not cudnn(dtype=F32)
+    assert not cudnn(head_dim=44)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
+    assert not cudnn()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     capability = (8, 0)
-    assert not _backward.cudnn_covers(cuda, 64, 64, plain._replace(window_left=-1))
+    assert not cudnn()
+
+
+def _restore_inf_rows(lse: torch.Tensor) -> torch.Tensor:
+    """Statistics as a fused backward received them (+inf rows) -> our lse; asserts that no
+    -inf row reached the fused kernel."""
+    assert not (lse == NEG_INF).any()
+    return torch.where(lse == float("inf"), NEG_INF, lse)
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["taken", "refused"])
+def test_masked_backward_hands_cudnn_its_bias(refuse, monkeypatch):
+    """The plumbing of a masked call into cuDNN's backward, with the kernel faked on the CPU
+    by the blockwise backward on what it receives (the additive bias, +inf lse rows): the
+    gradients match the reference's, rows that see no key included. When cuDNN refuses the
+    configuration, the blockwise backward runs (FlashAttention-2's takes no mask)."""
+    from kernels import _backward
+    from kernels._launch import ScoreArgs
+    from kernels.torch_attention import attention_backward
+
+    received = []
+
+    def fake_cudnn(grad_out, q, k, v, out, stats, seed, offset, bias, cum_q, cum_k, max_q,
+                   max_k, dropout_p, causal, *, scale):
+        received.append(bias)
+        if refuse:
+            raise RuntimeError("cuDNN Frontend error: no plan for this configuration")
+        assert bias.dtype == q.dtype and stats.shape == (*q.shape[:3], 1)
+        args = ScoreArgs(scale, causal, -1, 0 if causal else -1, 0.0, bias, None)
+        return attention_backward(grad_out, None, q, k, v, out,
+                                  _restore_inf_rows(stats.squeeze(-1)), args)
+
+    def fake_fa2(*args, **kwargs):
+        raise AssertionError("FlashAttention-2's backward takes no mask")
+
+    monkeypatch.setattr(_backward, "cudnn_covers", lambda *args: True)
+    monkeypatch.setattr(_backward, "_CUDNN_BACKWARD", fake_cudnn)
+    monkeypatch.setattr(_backward, "_FA2_BACKWARD", fake_fa2)
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 4, 20, 33, 32, kv_heads=2, scale=1.5))
+    mask = make_mask((2, 1, 20, 33), "bool")  # row 3 sees no key
+    out = flash_attention(q, k, v, variant="v2", causal=False, attn_mask=mask)
+    grad_out = torch.randn(out.shape)
+    (out * grad_out).sum().backward()
+    assert len(received) == 1 and received[0].shape == (2, 1, 20, 33)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, attn_mask=mask)
+    (ref * grad_out.double()).sum().backward()
+    for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_matches(x.grad, x64.grad, TOLERANCE[F32], what=name)
+    assert (q.grad[:, :, 3] == 0).all()
+
+
+def test_varlen_backward_hands_flash_attention_2_the_bounds(monkeypatch):
+    """The plumbing of packed sequences into FlashAttention-2's varlen backward, faked on the
+    CPU: it gets the forward's maximum lengths and +inf lse rows, and the rows after the last
+    sequence (which it leaves unwritten: NaN here) come back zero."""
+    from kernels import _backward
+    from kernels._launch import ScoreArgs
+    from kernels.torch_attention import varlen_attention_backward
+
+    received = []
+
+    def fake_fa2(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal,
+                 seed, offset, *, scale, window_size_left, window_size_right):
+        received.append((max_q, max_k, causal, window_size_left, window_size_right))
+        args = ScoreArgs(scale, causal, window_size_left, window_size_right, 0.0, None, None)
+        grads = varlen_attention_backward(grad_out, None, q, k, v, out, _restore_inf_rows(lse),
+                                          cu_q, cu_k, args)
+        for grad, cu in zip(grads, (cu_q, cu_k, cu_k), strict=True):
+            grad[cu[-1]:] = float("nan")
+        return (*grads, None)
+
+    monkeypatch.setattr(_backward, "fa2_covers", lambda *args: True)
+    monkeypatch.setattr(_backward, "_FA2_BACKWARD", fake_fa2)
+    lq, lk = [9, 0, 14, 4], [5, 6, 14, 0]  # keys without queries; queries without keys
+    q = torch.randn(sum(lq) + 3, 4, 32, requires_grad=True)  # 3 rows after the last sequence
+    k, v = (torch.randn(sum(lk) + 2, 2, 32, requires_grad=True) for _ in range(2))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, 16, 20, causal=True, window_size=(7, -1))
+    grad_out = torch.randn(out.shape)
+    (out * grad_out).sum().backward()
+    assert received == [(16, 20, True, 7, 0)]
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_varlen(q64, k64, v64, cu_q, cu_k, causal=True, window_size=(7, -1))
+    (ref[:sum(lq)] * grad_out[:sum(lq)].double()).sum().backward()
+    for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_matches(x.grad, x64.grad, TOLERANCE[F32], what=name)
+    assert (q.grad[sum(lq):] == 0).all() and (k.grad[sum(lk):] == 0).all()
+
+
+@pytest.mark.parametrize("shape, kind", [((2, 1, 1, 33), "bool"), ((1, 3, 20, 33), "float"),
+                                         ((20, 1), "bool"), ((2, 3, 20, 33), "bool")],
+                         ids=["key-padding", "float-1H", "rows-only", "full"])
+def test_cudnn_bias_of_a_mask(shape, kind):
+    """cuDNN's additive bias: the mask's values (0 / -inf for bool), broadcast to (B, 1 or H,
+    Sq, Sk) from a tensor no larger than the mask (float masks of the inputs' dtype are not
+    copied), unit stride along the keys."""
+    from kernels._backward import _cudnn_bias
+
+    b, h, sq, sk = 2, 3, 20, 33
+    mask = make_mask(shape, kind, dtype=F16)
+    view = mask.expand(b, h, sq, sk)
+    bias = _cudnn_bias(view, F16)
+    heads = 1 if view.stride(1) == 0 else h
+    assert bias.shape == (b, heads, sq, sk) and bias.dtype == F16 and bias.stride(-1) == 1
+    expected = (torch.zeros(view.shape, dtype=F16).masked_fill(~view, NEG_INF)
+                if kind == "bool" else view)
+    assert torch.equal(bias.expand(b, h, sq, sk), expected)
+    keys = sk if shape[-1] == 1 else 1  # a mask broadcast along the keys is written out
+    assert bias.untyped_storage().nbytes() == mask.numel() * keys * 2
+    if kind == "float":
+        assert bias.data_ptr() == mask.data_ptr()
 
 
 # ============================================================================= GPU
@@ -960,28 +1101,65 @@ def test_gpu_varlen(case, dtype, gpu_device):
     assert_lse_matches(lse, ref_lse, atol=2e-3)
 
 
+def _count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Wrap ``module``'s functions ``names``; returns the list that their calls append to
+    when they return (a call that raises is not counted)."""
+    calls = []
+
+    def counted(name):
+        real = getattr(module, name)
+
+        def run(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append(name)
+            return result
+        return run
+
+    for name in names:
+        monkeypatch.setattr(module, name, counted(name))
+    return calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case, dtype", [("causal-gqa", F16), ("softcap-alibiH", BF16),
-                                         ("empty-seqs", BF16), ("alibiBH-scale", F32)],
+                                         ("empty-seqs", BF16), ("window-mqa", BF16),
+                                         ("alibiBH-scale", F32)],
                          ids=["causal-gqa-fp16", "softcap-alibiH-bf16", "empty-seqs-bf16",
-                              "alibiBH-scale-fp32"])
-def test_gpu_varlen_gradients(case, dtype, gpu_device):
-    _check_varlen_gradients(case, dtype, gpu_device, _gpu_tol(dtype) * (1 if dtype == F32 else 2))
+                              "window-mqa-bf16", "alibiBH-scale-fp32"])
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
+def test_gpu_varlen_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
+    """Through out alone, fp16/bf16 cases without ALiBi or softcap take FlashAttention-2's
+    varlen backward (rows without keys, empty sequences and rows after the last sequence
+    included); the others the per-sequence blockwise one. All match the reference."""
+    from kernels import _backward
+
+    calls = _count_calls(monkeypatch, _backward, ("_FA2_BACKWARD",))
+    _check_varlen_gradients(case, dtype, gpu_device, _gpu_tol(dtype) * (1 if dtype == F32 else 2),
+                            with_lse=with_lse, tail=5)
+    options = VARLEN_CASES[case][4]
+    covered = (dtype != F32 and not with_lse and "alibi" not in options
+               and not options.get("softcap"))
+    assert calls == (["_FA2_BACKWARD"] if covered else [])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case, dtype", [
     ("causal-empty-rows-v1", F16), ("gqa-causal-bshd", BF16), ("bool-mask-empty-rows-v2", F32),
-    ("softcap-alibi-v1", BF16), ("window-v2", F16)],
+    ("softcap-alibi-v1", BF16), ("window-v2", F16), ("bool-mask-empty-rows-v2", F16),
+    ("padded-causal-v2", BF16), ("fp16-mask-bshd", F16), ("float-mask-causal-bshd", F16),
+    ("causal-bf16-bshd", BF16)],
     ids=["causal-empty-rows-v1-fp16", "gqa-causal-bshd-bf16", "bool-mask-empty-rows-v2-fp32",
-         "softcap-alibi-v1-bf16", "window-v2-fp16"])
+         "softcap-alibi-v1-bf16", "window-v2-fp16", "bool-mask-empty-rows-v2-fp16",
+         "padded-causal-v2-bf16", "fp16-mask-bshd-fp16", "fp32-mask-causal-bshd-fp16",
+         "bool-mask-causal-sq-gt-sk-bshd-bf16"])
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
 def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
-    """Through out alone, the fp16/bf16 cases without mask, ALiBi or softcap take cuDNN's or
-    FlashAttention-2's backward (kernels._backward), rows that see no key included; with lse
-    in the loss, or with those options, the blockwise one. All match the reference."""
+    """Through out alone, fp16/bf16 calls without ALiBi or softcap take a fused backward
+    (kernels._backward), rows that see no key included: cuDNN's on sm90 without a window,
+    causal only when Sq == Sk, with a bool mask or a float mask of the inputs' dtype as its
+    bias; FlashAttention-2's for the other calls without a mask. With lse in the loss, or
+    the rest, the blockwise one. All match the reference."""
     from kernels import _backward
-    from kernels.api import score_args
 
     api, _, dims, options, mask_kind = GRAD_CASES[case]
     b, h, hkv, sq, sk, d = dims
@@ -990,18 +1168,7 @@ def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     q, k, v = (x.to(gpu_device).requires_grad_() for x in (q, k, v))
     opts = {n: (x.to(gpu_device) if isinstance(x, torch.Tensor) else x)
             for n, x in opts.items()}
-    calls = []
-
-    def counted(name):
-        real = getattr(_backward, name)
-
-        def run(*args, **kwargs):
-            calls.append(name)
-            return real(*args, **kwargs)
-        return run
-
-    for name in ("_FA2_BACKWARD", "_CUDNN_BACKWARD"):
-        monkeypatch.setattr(_backward, name, counted(name))
+    calls = _count_calls(monkeypatch, _backward, ("_FA2_BACKWARD", "_CUDNN_BACKWARD"))
     out, lse = call(api, q, k, v, return_lse=True, **opts)
     grad_out = torch.randn(out.shape, device=gpu_device).to(dtype)
     grad_lse = torch.randn(lse.shape, device=gpu_device) * with_lse
@@ -1016,14 +1183,13 @@ def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     tol = _gpu_tol(dtype) * (1 if dtype == F32 else 2)
     for name, x, x64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert_matches(x.grad, x64.grad, tol, what=name)
-    covered = (dtype != F32 and mask_kind is None and not options.get("softcap")
-               and not options.get("alibi_slopes") and not with_lse)
-    cudnn = _backward.cudnn_covers(q.device, sq * 9, sk * 9, score_args(
-        q if api != "bshd" else q.transpose(1, 2), k if api != "bshd" else k.transpose(1, 2),
-        causal=opts.get("causal", False), softmax_scale=None, attn_mask=None,
-        window_size=opts.get("window_size", (-1, -1)), softcap=0.0, alibi_slopes=None))
-    expected = ["_CUDNN_BACKWARD" if cudnn else "_FA2_BACKWARD"] if covered else []
-    assert calls == expected
+    fused = (dtype != F32 and not options.get("softcap") and not options.get("alibi_slopes")
+             and not with_lse)
+    cudnn = (fused and torch.cuda.get_device_capability(gpu_device) == (9, 0)
+             and "window_size" not in options and (not options.get("causal") or sq == sk)
+             and mask_kind in (None, "bool", "padding", "float-same-dtype"))
+    expected = "_CUDNN_BACKWARD" if cudnn else "_FA2_BACKWARD" if mask_kind is None else None
+    assert calls == ([expected] if fused and expected else [])
     empty = ref_lse == NEG_INF  # (B, H, Sq): rows that see no key get zero gradient
     dq = q.grad if api != "bshd" else q.grad.transpose(1, 2)
     assert (dq[empty] == 0).all()
