@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import flash_attention_v2, flash_attention_varlen
+from kernels._backward import varlen_backward_is_fused
 from kernels.api import MAX_HEAD_DIM
 
 from . import _dispatch
@@ -295,15 +296,17 @@ class _FlashAttentionBase(nn.Module):
                 max_seqlen_k: int, opts: dict) -> torch.Tensor:
         """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> (total_q, H, D).
 
-        Without grad or dropout, CUDA and the ``triton`` CPU policy run the varlen kernel.
-        Otherwise the sequences are gathered into a right-aligned padded batch on the device
-        and run densely, then gathered back: one batched backward, where the varlen kernel's
-        backward loops over the sequences on the host."""
+        Without dropout, CUDA and the ``triton`` CPU policy run the varlen kernel when no
+        gradient is needed or its backward is FlashAttention-2's fused varlen kernel (fp16/bf16
+        on sm80+, no ALiBi). Otherwise the sequences are gathered into a right-aligned padded
+        batch on the device and run densely, then gathered back: one batched backward, where
+        the varlen kernel's other backward loops over the sequences on the host."""
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         kernel_ok = (unsupported_by_kernels(q, q.shape[-1]) is None
                      and not (self.training and self.drop.p > 0)
                      and (q.device.type == "cuda" or _dispatch.cpu_backend() == "triton"))
-        if kernel_ok and not needs_grad:
+        if kernel_ok and (not needs_grad
+                          or varlen_backward_is_fused(q, alibi_slopes=opts["alibi_slopes"])):
             return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                           max_seqlen_k, **opts)
         qp, _ = _pad_right_aligned(q, cu_seqlens_q, max_seqlen_q)

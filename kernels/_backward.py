@@ -158,6 +158,15 @@ def dense_backward(
     return bshd(dq), bshd(dk), bshd(dv)
 
 
+def varlen_backward_is_fused(q: torch.Tensor, alibi_slopes: torch.Tensor | None = None,
+                             softcap: float = 0.0) -> bool:
+    """Whether the backward of ``flash_attention_varlen`` on packed q (total_q, H, D) with
+    these options runs FlashAttention-2's varlen kernel (when no gradient flows into lse);
+    otherwise it recomputes sequence by sequence after a host read."""
+    args = ScoreArgs(1.0, False, -1, -1, softcap, None, alibi_slopes)
+    return fa2_covers(q.device, q.dtype, q.shape[-1], args, None)
+
+
 def varlen_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -127,8 +127,14 @@ def test_cross_attention_matches_reference(layout, kv_heads, causal, calls):
 # ----------------------------------------------------------------------------- varlen
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_varlen_matches_reference(cross, grad, calls):
+@pytest.mark.parametrize("grad, fused_backward", [(False, False), (True, False), (True, True)],
+                         ids=["no_grad", "grad", "grad-fused-backward"])
+def test_varlen_matches_reference(cross, grad, fused_backward, calls, monkeypatch):
+    """Without grad the varlen kernel runs; with grad too when its backward is fused (the
+    rule faked here: on the CPU it is not), else the padded dense path."""
+    if fused_backward:
+        monkeypatch.setattr(attention_module, "varlen_backward_is_fused",
+                            lambda q, alibi_slopes=None: True)
     batch, heads, head_dim = 3, 2, 8
     # Sequence 0 has rows that see two keys or more, so that no gradient is zero throughout.
     lengths_q = [random.randint(2, 7)] + [random.randint(1, 7) for _ in range(batch - 1)]
@@ -156,8 +162,9 @@ def test_varlen_matches_reference(cross, grad, calls):
     expected, _ = reference_varlen(q, k, v, cu_q, cu_k, **options)
     assert out.shape == (total_q, heads, head_dim)
     assert_matches(out, expected, TOL)
-    # With grad the module runs the padded dense path (one batched backward).
-    assert calls == (["kernel_attention"] if grad else ["flash_attention_varlen"])
+    # With grad and no fused varlen backward: the padded dense path (one batched backward).
+    padded = grad and not fused_backward
+    assert calls == (["kernel_attention"] if padded else ["flash_attention_varlen"])
     if grad:
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad((out * grad_out).sum(), leaves)
@@ -374,20 +381,31 @@ def test_gpu_self_and_cross(dtype, layout, gpu_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_gpu_varlen_and_mha_policy(dtype, gpu_device):
+def test_gpu_varlen_and_mha_policy(dtype, gpu_device, calls):
+    """Packed training: the varlen kernel with FlashAttention-2's fused varlen backward;
+    with ALiBi (no fused backward) the padded dense path."""
     lengths = [100, 1, 257, 64]
     cu = _cu_seqlens(lengths).to(gpu_device)
     packed = torch.randn(sum(lengths), 3, 4, 64, device=gpu_device, dtype=dtype)
-    module = FlashSelfAttention(causal=True)
-    out = module(packed, cu_seqlens=cu, max_seqlen=max(lengths))
-    q, k, v = packed.unbind(1)
-    expected, _ = reference_varlen(q, k, v, cu, cu, causal=True)
-    assert_matches(out.float(), expected, TOLERANCE[dtype])
-    leaf = packed.clone().requires_grad_()
-    out_grad = module(leaf, cu_seqlens=cu, max_seqlen=max(lengths))
-    assert_matches(out_grad.float(), expected, TOLERANCE[dtype])
-    out_grad.float().sum().backward()
-    assert torch.isfinite(leaf.grad).all()
+    slopes = _slopes(4).to(gpu_device)
+    for alibi, path in ((None, "flash_attention_varlen"), (slopes, "kernel_attention")):
+        module = FlashSelfAttention(causal=True, alibi_slopes=alibi)
+        packed64 = packed.double().requires_grad_()
+        q, k, v = packed64.unbind(1)
+        expected, _ = reference_varlen(q, k, v, cu, cu, causal=True, alibi_slopes=alibi)
+        calls.clear()
+        assert_matches(module(packed, cu_seqlens=cu, max_seqlen=max(lengths)).float(), expected,
+                       TOLERANCE[dtype])
+        assert calls == ["flash_attention_varlen"]
+        calls.clear()
+        leaf = packed.clone().requires_grad_()
+        out_grad = module(leaf, cu_seqlens=cu, max_seqlen=max(lengths))
+        assert calls == [path]
+        assert_matches(out_grad.float(), expected, TOLERANCE[dtype])
+        grad_out = torch.randn_like(out_grad)
+        (grad,) = torch.autograd.grad((out_grad * grad_out).sum(), leaf)
+        (grad64,) = torch.autograd.grad((expected * grad_out.double()).sum(), packed64)
+        assert_matches(grad.float(), grad64, 4 * TOLERANCE[dtype], what="grad")
     # The module ignores FLASHATTN_CPU_BACKEND on CUDA.
     reference = nn.MultiheadAttention(128, 2, device=gpu_device).eval()
     mha = FlashMultiheadAttention.from_torch(copy.deepcopy(reference)).to(dtype)

@@ -32,6 +32,7 @@ from tests.test_kernels import (
     check_call,
     layout_of,
     make_qkv,
+    spy_calls,
 )
 
 NEG_INF = float("-inf")
@@ -1101,25 +1102,6 @@ def test_gpu_varlen(case, dtype, gpu_device):
     assert_lse_matches(lse, ref_lse, atol=2e-3)
 
 
-def _count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
-    """Wrap ``module``'s functions ``names``; returns the list that their calls append to
-    when they return (a call that raises is not counted)."""
-    calls = []
-
-    def counted(name):
-        real = getattr(module, name)
-
-        def run(*args, **kwargs):
-            result = real(*args, **kwargs)
-            calls.append(name)
-            return result
-        return run
-
-    for name in names:
-        monkeypatch.setattr(module, name, counted(name))
-    return calls
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case, dtype", [("causal-gqa", F16), ("softcap-alibiH", BF16),
                                          ("empty-seqs", BF16), ("window-mqa", BF16),
@@ -1133,7 +1115,7 @@ def test_gpu_varlen_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     included); the others the per-sequence blockwise one. All match the reference."""
     from kernels import _backward
 
-    calls = _count_calls(monkeypatch, _backward, ("_FA2_BACKWARD",))
+    calls = spy_calls(monkeypatch, _backward, ("_FA2_BACKWARD",), returned_only=True)
     _check_varlen_gradients(case, dtype, gpu_device, _gpu_tol(dtype) * (1 if dtype == F32 else 2),
                             with_lse=with_lse, tail=5)
     options = VARLEN_CASES[case][4]
@@ -1168,7 +1150,8 @@ def test_gpu_gradients(case, dtype, with_lse, gpu_device, monkeypatch):
     q, k, v = (x.to(gpu_device).requires_grad_() for x in (q, k, v))
     opts = {n: (x.to(gpu_device) if isinstance(x, torch.Tensor) else x)
             for n, x in opts.items()}
-    calls = _count_calls(monkeypatch, _backward, ("_FA2_BACKWARD", "_CUDNN_BACKWARD"))
+    calls = spy_calls(monkeypatch, _backward, ("_FA2_BACKWARD", "_CUDNN_BACKWARD"),
+                      returned_only=True)
     out, lse = call(api, q, k, v, return_lse=True, **opts)
     grad_out = torch.randn(out.shape, device=gpu_device).to(dtype)
     grad_lse = torch.randn(lse.shape, device=gpu_device) * with_lse

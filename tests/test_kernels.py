@@ -37,16 +37,22 @@ def layout_of(api: str) -> str:
     return "bshd" if api == "bshd" else "bhsd"
 
 
-def spy_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+def spy_calls(monkeypatch, module, names: tuple[str, ...], returned_only: bool = False
+              ) -> list[str]:
     """Wrap ``module``'s functions ``names`` (for this test) so that each call appends its
-    name to the returned list, then runs the real function."""
+    name to the returned list, then runs the real function; with ``returned_only`` the name
+    is appended when the function returns (a call that raises is not listed)."""
     seen: list[str] = []
     for name in names:
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
+            if not returned_only:
+                seen.append(_name)
+                return _real(*args, **kwargs)
+            result = _real(*args, **kwargs)
             seen.append(_name)
-            return _real(*args, **kwargs)
+            return result
 
         monkeypatch.setattr(module, name, spy)
     return seen
