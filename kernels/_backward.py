@@ -14,13 +14,15 @@ as their softmax statistics; a row that saw no key is the one difference (+inf i
   (``varlen_backward``); it takes no mask.
 - cuDNN's backward is 1.6-1.8x faster than FlashAttention-2's on the H200, but aligns causal
   masks top-left and has no windows: it takes dense calls without a window, causal only when
-  Sq == Sk, on sm90 (where it was measured), in eager mode, unless deterministic algorithms
-  are asked for (FlashAttention-2's honours them). It also takes masks, as an additive bias in
-  the inputs' dtype: a bool mask (0 / -inf), or a floating mask already in that dtype (one of
-  another dtype would be rounded, and the backward would no longer match the forward's
-  scores). A configuration that its frontend refuses (raised while it builds its graph,
-  before any work) runs FlashAttention-2's instead, or the blockwise backward for a mask; a
-  compiled graph holds FlashAttention-2's.
+  Sq == Sk, on sm90 (where it was measured), unless deterministic algorithms are asked for
+  (FlashAttention-2's honours them). It also takes masks, as an additive bias in the inputs'
+  dtype: a bool mask (0 / -inf), or a floating mask already in that dtype (one of another
+  dtype would be rounded, and the backward would no longer match the forward's scores). A
+  configuration that its frontend refuses (raised while it builds its graph, before any
+  work) runs FlashAttention-2's instead, or the blockwise backward for a mask.
+
+Compiled graphs call these choices at run time, through the ops ``flashattn::attention_bwd``
+and ``flashattn::attention_varlen_bwd`` (``kernels.api``).
 
 H200, 2026-12-01 (benchmarks/NOTES.md, ``bench_backward.py``), B8 H16 S2k D64 causal fp16:
 forward + backward 26.2 ms blockwise, 1.13 ms with FlashAttention-2's backward (SDPA's own
@@ -71,7 +73,7 @@ def fa2_covers(device: torch.device, dtype: torch.dtype, head_dim: int, args: Sc
 def cudnn_covers(device: torch.device, dtype: torch.dtype, head_dim: int, seqlen_q: int,
                  seqlen_k: int, args: ScoreArgs, grad_lse: torch.Tensor | None) -> bool:
     """Whether cuDNN's backward may take a dense call (arguments as ``fa2_covers``)."""
-    if (_CUDNN_BACKWARD is None or _CUDNN_FORWARD is None or torch.compiler.is_compiling()
+    if (_CUDNN_BACKWARD is None or _CUDNN_FORWARD is None
             or torch.are_deterministic_algorithms_enabled()):  # FlashAttention-2 honours it
         return False
     if not _fused_covers(device, dtype, head_dim, args, grad_lse):

@@ -263,6 +263,41 @@ def _varlen_backward_op_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _dense_grads(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, sm_scale: float, causal: bool, window_left: int,
+    window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (B, H, Sq, D), dk and dv (B, Hkv, Sk, D) of a dense call (``dense_backward``)."""
+    args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
+                     alibi_slopes)
+    return dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
+
+
+@torch.library.custom_op("flashattn::attention_bwd", mutates_args=())
+def _dense_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, sm_scale: float, causal: bool, window_left: int,
+    window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_dense_grads`` as the op's compiled backward: an op of its own, so that a compiled
+    graph makes the same choice of backward kernel as eager mode, at run time (cuDNN's is
+    tried and may fall back). Gradients come back with q's, k's and v's strides, as the
+    fake implementation promises (copied only where a backward returned others)."""
+    grads = _dense_grads(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes,
+                         sm_scale, causal, window_left, window_right, softcap)
+    return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g)
+                 for g, x in zip(grads, (q, k, v), strict=True))
+
+
+@_dense_backward_op.register_fake
+def _dense_backward_op_fake(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes,
+                            sm_scale, causal, window_left, window_right, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_seqlen_q, max_seqlen_k, bshd, _, causal,
      sm_scale, window_left, window_right, softcap) = inputs
@@ -276,22 +311,27 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
-    if grad_out is None:  # only lse takes part in the loss
-        grad_out = torch.zeros_like(out)
-    if cu_q is not None:  # packed (T, H, D) inputs
-        grads = _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
-                                    *ctx.max_seqlens, alibi_slopes, *ctx.scalars)
+def _backward_with(dense_grads):
+    """The autograd backward of the op, computing dense gradients with ``dense_grads``
+    (``_dense_grads`` in eager mode, the ``_dense_backward_op`` in compiled graphs)."""
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:  # only lse takes part in the loss
+            grad_out = torch.zeros_like(out)
+        if cu_q is not None:  # packed (T, H, D) inputs
+            grads = _varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
+                                        *ctx.max_seqlens, alibi_slopes, *ctx.scalars)
+            return tuple(grads) + (None,) * 13
+        if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
+            grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
+        grads = dense_grads(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes,
+                            *ctx.scalars)
         return tuple(grads) + (None,) * 13
-    args = ScoreArgs(*ctx.scalars, attn_mask, alibi_slopes)
-    if ctx.bshd:  # the output (and its gradient) in (B, Sq, H, D); q, k, v are BHSD views
-        grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
-    dq, dk, dv = dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
-    return (dq, dk, dv) + (None,) * 13
+    return backward
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward_with(_dense_backward_op),
+                                setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -306,7 +346,7 @@ class _EagerAttention(torch.autograd.Function):
         return _run_kernel(q, k, v, args, variant, bshd, cu_q, cu_k, max_seqlen_q)
 
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+    backward = staticmethod(_backward_with(_dense_grads))
 
 
 def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -315,6 +315,21 @@ def test_opcheck_split_kv_variant():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+def test_opcheck_dense_backward_op():
+    """The dense backward op that compiled graphs call (``flashattn::attention_bwd``):
+    schema, fake implementation and dispatch, on q, k and v that are BHSD views of BSHD
+    memory; the gradients have their strides, as the fake implementation says."""
+    q, k, v = (torch.randn(2, 9, heads, 16).transpose(1, 2) for heads in (4, 2, 2))
+    keep = _keep_mask(2, 9, 9, "cpu")
+    out, lse = flash_attention(q, k, v, variant="v2", return_lse=True, attn_mask=keep)
+    inputs = (torch.randn_like(out), None, q, k, v, out, lse, keep.expand(2, 4, 9, 9), None,
+              0.25, False, -1, -1, 0.0)
+    result = torch.library.opcheck(torch.ops.flashattn.attention_bwd.default, inputs)
+    assert set(result.values()) == {"SUCCESS"}, result
+    grads = torch.ops.flashattn.attention_bwd(*inputs)
+    assert [g.stride() for g in grads] == [x.stride() for x in (q, k, v)]
+
+
 def test_op_differentiates_varlen():
     """Called directly with packed (varlen) inputs that require grad, the op's registered
     backward (the varlen backward op, sequence by sequence) gives the reference's
@@ -793,6 +808,39 @@ def test_gpu_autograd_inductor(name, gpu_device, no_tf32):
     _, grads64 = _loss_and_grads(reference, args64, weights)
     for what, g, g64 in zip("qkv", grads, grads64, strict=True):
         assert_matches(g, g64, 4 * TOLERANCE[torch.float32], what=f"grad of {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True], ids=["window", "key-padding"])
+def test_gpu_compiled_backward_kernels(masked, gpu_device, monkeypatch):
+    """A compiled fp16 training step takes the fused backward eager mode takes, chosen at
+    run time inside the backward op: cuDNN's for a causal call with a key-padding mask,
+    FlashAttention-2's for a windowed one; gradients match the float64 reference."""
+    from kernels import _backward
+    from tests.test_kernels import spy_calls
+
+    calls = spy_calls(monkeypatch, _backward, ("_FA2_BACKWARD", "_CUDNN_BACKWARD"),
+                      returned_only=True)
+    q, k, v = (torch.randn(2, heads, 256, 64, device=gpu_device, dtype=torch.float16,
+                           requires_grad=True) for heads in (8, 2, 2))
+    keep = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=gpu_device)
+    keep[0, ..., 192:] = False
+    opts = dict(causal=True, attn_mask=keep) if masked else dict(window_size=(64, 32))
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, variant="auto", **opts)
+
+    grad_out = torch.randn(2, 8, 256, 64, device=gpu_device, dtype=torch.float16)
+    counter = _counter("inductor")
+    out = torch.compile(fn, backend=counter, fullgraph=True)(q, k, v)
+    out.backward(grad_out)
+    assert counter.frame_count == 1
+    assert calls == (["_CUDNN_BACKWARD"] if masked else ["_FA2_BACKWARD"])
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, **opts)
+    (ref * grad_out.double()).sum().backward()
+    for what, x, x64 in (("q", q, q64), ("k", k, k64), ("v", v, v64)):
+        assert_matches(x.grad, x64.grad, 4 * TOLERANCE[torch.float16], what=f"grad of {what}")
 
 
 @pytest.mark.gpu
