@@ -269,19 +269,27 @@ def _dense_grads(
     alibi_slopes: torch.Tensor | None, sm_scale: float, causal: bool, window_left: int,
     window_right: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (B, H, Sq, D), dk and dv (B, Hkv, Sk, D) of a dense call (``dense_backward``), with
-    q's, k's and v's strides (copied only where a backward returned others)."""
+    """dq (B, H, Sq, D), dk and dv (B, Hkv, Sk, D) of a dense call (``dense_backward``)."""
     args = ScoreArgs(sm_scale, causal, window_left, window_right, softcap, attn_mask,
                      alibi_slopes)
-    grads = dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
+    return dense_backward(grad_out, grad_lse, q, k, v, out, lse, args)
+
+
+@torch.library.custom_op("flashattn::attention_bwd", mutates_args=())
+def _dense_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, sm_scale: float, causal: bool, window_left: int,
+    window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_dense_grads`` as the op's compiled backward: an op of its own, so that a compiled
+    graph makes the same choice of backward kernel as eager mode, at run time (cuDNN's is
+    tried and may fall back). Gradients come back with q's, k's and v's strides, as the
+    fake implementation promises (copied only where a backward returned others)."""
+    grads = _dense_grads(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes,
+                         sm_scale, causal, window_left, window_right, softcap)
     return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g)
                  for g, x in zip(grads, (q, k, v), strict=True))
-
-
-# The compiled graphs' backward: an op of its own, so that it makes eager mode's choice of
-# backward kernel at run time (cuDNN's is tried and may fall back), which tracing could not.
-_dense_backward_op = torch.library.custom_op("flashattn::attention_bwd", _dense_grads,
-                                             mutates_args=())
 
 
 @_dense_backward_op.register_fake
