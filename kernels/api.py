@@ -285,7 +285,9 @@ def _dense_backward_op(
     """``_dense_grads`` as the op's compiled backward: an op of its own, so that a compiled
     graph makes the same choice of backward kernel as eager mode, at run time (cuDNN's is
     tried and may fall back). Gradients come back with q's, k's and v's strides, as the
-    fake implementation promises (copied only where a backward returned others)."""
+    fake implementation promises (copied only where a backward returned others: for q, k, v
+    that are non-dense views, e.g. of one packed qkv tensor, FlashAttention-2's backward
+    allocates dense gradients). Eager mode calls ``_dense_grads`` itself, with no copy."""
     grads = _dense_grads(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes,
                          sm_scale, causal, window_left, window_right, softcap)
     return tuple(g if g.stride() == x.stride() else torch.empty_like(x).copy_(g)
