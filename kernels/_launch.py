@@ -146,6 +146,103 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
+# The warp-specialised Hopper kernel (kernels/_triton/hopper.py): its one configuration, for
+# head_dim 128 (H200, 2026-12-01: 0.98-1.01x cuDNN where V2 reached 0.86-0.90; at head_dim 64
+# it was slower than V2, and three consumer warpgroups spill at 128 registers).
+HOPPER_HEAD_DIM = 128
+HOPPER_BLOCK_N = 128
+_HOPPER = dict(NC=2, STAGES=2, CONSUMER_REGS=240)  # 2 x 240 + 24 registers per thread: the
+_HOPPER_MAXNREG = 168  # kernel's 12 warps at 168 fill the register file; one program per SM
+
+
+class RowView(NamedTuple):
+    """A (B, H, S, D) view as rows of a 2-D matrix (what the Hopper kernel's descriptors
+    read): element (b, h, s, d) is at row b * per_batch + h * per_head + s, column
+    h * head_col + d, of a (rows, cols) matrix with row stride ``stride``."""
+
+    per_batch: int
+    per_head: int
+    head_col: int
+    stride: int
+    rows: int
+    cols: int
+
+
+def row_view(t: torch.Tensor) -> RowView | None:
+    """``t`` as a ``RowView``, or None: heads either follow each other in rows (BHSD memory)
+    or sit side by side in a row (BSHD memory, and the modules' packed in-projections).
+    TMA needs a 16-byte aligned base and row stride, and 32-bit row coordinates."""
+    B, H, S, D = t.shape
+    sb, sh, ss, sd = t.stride()
+    size = t.element_size()
+    if sd != 1 or ss < D or (ss * size) % 16 or t.data_ptr() % 16:
+        return None
+    if sb % ss:
+        return None
+    if H == 1 or (sh % ss == 0 and sh > 0):
+        per_head = sh // ss if H > 1 else 0
+        view = RowView(sb // ss, per_head, 0, ss, (B - 1) * (sb // ss) + (H - 1) * per_head + S, D)
+    elif (sh * size) % 16 == 0 and D <= sh and (H - 1) * sh + D <= ss:
+        view = RowView(sb // ss, 0, sh, ss, (B - 1) * (sb // ss) + S, (H - 1) * sh + D)
+    else:
+        return None
+    return view if view.rows < 2**31 else None
+
+
+def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs) -> bool:
+    """Whether a dense call runs the warp-specialised Hopper kernel: an sm_90 GPU with Gluon,
+    fp16/bf16, head_dim 128, no mask, window, softcap or ALiBi, causal only with Sq <= Sk
+    (every row then sees a key), Sk a multiple of the key block (the descriptors would read
+    past a head's last key: other heads' rows, or unwritten cache slots whose NaNs would
+    survive the P.V product), K and V with one layout, and every tensor a ``row_view``. Large
+    calls only: the descriptors cost host time, as V2's (``_TMA_MIN_SCORES``)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    if (_runtime.GluonDescriptor is None or q.device.type != "cuda"
+            or _runtime.capability(q.device) != (9, 0)):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or D != HOPPER_HEAD_DIM:
+        return False
+    if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
+            or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
+        return False
+    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N or B * H * Sq * Sk < _TMA_MIN_SCORES:
+        return False
+    if k.stride() != v.stride():
+        return False
+    views = (row_view(q), row_view(k), row_view(v))
+    return all(view is not None for view in views) and views[1] == views[2]
+
+
+def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor | None, args: ScoreArgs) -> None:
+    """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted; shapes as in
+    ``forward_v2``."""
+    from triton.experimental.gluon import language as gl
+
+    device = q.device
+    kernel = _runtime.kernel_module("hopper", device).attention_fwd_hopper
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+
+    def descriptor(t: torch.Tensor, view: RowView, rows: int):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], element)
+        return _runtime.GluonDescriptor(t, [view.rows, view.cols], [view.stride, 1], [rows, D],
+                                        layout)
+
+    qv, kv = row_view(q), row_view(k)
+    rows = 64 * _HOPPER["NC"]
+    lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
+    _runtime.launch(
+        kernel, (_cdiv(Sq, rows), B * H), device,
+        (descriptor(q, qv, 64), descriptor(k, kv, HOPPER_BLOCK_N),
+         descriptor(v, kv, HOPPER_BLOCK_N), out, lse_arg, qv.per_batch, qv.per_head,
+         qv.head_col, kv.per_batch, kv.per_head, kv.head_col, *out.stride()[:3],
+         *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
+        dict(CAUSAL=args.causal, STORE_LSE=store_lse, **_HOPPER), 4, 1, _HOPPER_MAXNREG)
+
+
 def forward_v2(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor | None, args: ScoreArgs, *, cu_seqlens_q: torch.Tensor | None = None,

@@ -27,6 +27,10 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host tensor descriptors
     TensorDescriptor = None
+try:  # Gluon's descriptors carry their shared-memory layout (kernels/_triton/hopper.py)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+except ImportError:
+    GluonDescriptor = None
 
 _COMPILED = "kernels._triton"
 _INTERPRETED = "kernels._triton_interpreted"
@@ -89,6 +93,8 @@ def _specialization(value: object) -> object:
         return float
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
         return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() & 15
+    if GluonDescriptor is not None and isinstance(value, GluonDescriptor):
+        return value.base.dtype, tuple(value.block_shape), repr(value.layout)
     return kind, value
 
 

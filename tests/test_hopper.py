@@ -1,0 +1,145 @@
+"""The warp-specialised Hopper kernel (kernels/_triton/hopper.py): its 2-D views of the
+inputs (CPU), and on an sm_90 GPU its results, the calls it takes and the ones it leaves to
+V2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import _launch, flash_attention, flash_attention_v2
+from tests.reference import assert_lse_matches, assert_matches, reference_attention
+from tests.test_kernels import spy_calls
+
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+def _through_view(t: torch.Tensor, view: _launch.RowView) -> torch.Tensor:
+    """Rebuild ``t`` (B, H, S, D) by reading its storage as ``view`` says."""
+    B, H, S, D = t.shape
+    matrix = torch.as_strided(t, (view.rows, view.cols), (view.stride, 1),
+                              t.storage_offset())
+    out = torch.empty_like(t)
+    for b in range(B):
+        for h in range(H):
+            row = b * view.per_batch + h * view.per_head
+            col = h * view.head_col
+            out[b, h] = matrix[row:row + S, col:col + D]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bhsd", "bshd", "packed_qkv", "one_head"])
+def test_row_view_reads_every_element(kind):
+    B, H, S, D = 2, 3, 5, 16
+    if kind == "bhsd":
+        t = torch.randn(B, H, S, D)
+    elif kind == "bshd":
+        t = torch.randn(B, S, H, D).transpose(1, 2)
+    elif kind == "packed_qkv":  # the modules' in-projection, (B, S, 3, H, D)
+        t = torch.randn(B, S, 3, H, D)[:, :, 1].transpose(1, 2)
+    else:
+        t = torch.randn(B, S, 1, D).transpose(1, 2)
+    view = _launch.row_view(t)
+    assert view is not None
+    assert torch.equal(_through_view(t, view), t)
+
+
+@pytest.mark.parametrize("kind", ["d_strided", "row_misaligned", "heads_interleaved"])
+def test_row_view_refuses_what_tma_cannot_read(kind):
+    if kind == "d_strided":
+        t = torch.randn(1, 2, 8, 32)[..., ::2]
+    elif kind == "row_misaligned":  # rows of 20 fp16 elements: 40 bytes apart
+        t = torch.randn(1, 2, 8, 20, dtype=F16)[..., :16]
+    else:  # heads 8 elements apart with 16 each: neither rows nor columns of their own
+        t = torch.randn(256).as_strided((1, 2, 8, 16), (256, 8, 32, 1))
+    assert _launch.row_view(t) is None
+
+
+def test_hopper_kernel_only_on_cuda():
+    q = torch.randn(1, 2, 128, 128, dtype=F16)
+    args = _launch.ScoreArgs(128 ** -0.5, False, -1, -1, 0.0, None, None)
+    assert not _launch.hopper_ok(q, q, q, args)
+
+
+def _hopper_gpu() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and _launch._runtime.GluonDescriptor is not None)
+
+
+needs_hopper = pytest.mark.skipif(not _hopper_gpu(), reason="needs an sm_90 GPU and Gluon")
+
+CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout
+    (2, 4, 4, 256, 256, False, "bhsd"),
+    (2, 4, 4, 256, 256, True, "bhsd"),
+    (1, 8, 2, 1000, 1024, True, "bhsd"),
+    (2, 3, 3, 129, 384, False, "bshd"),
+    (2, 4, 1, 333, 640, True, "bshd"),
+    (1, 2, 2, 17, 128, False, "bhsd"),
+    (1, 2, 2, 1, 128, False, "bshd"),
+]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_hopper_kernel_matches_reference(monkeypatch, gpu_device, case, dtype):
+    B, H, Hkv, Sq, Sk, causal, layout = case
+    taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
+    shape_q = (B, H, Sq, 128) if layout == "bhsd" else (B, Sq, H, 128)
+    shape_k = (B, Hkv, Sk, 128) if layout == "bhsd" else (B, Sk, Hkv, 128)
+    q = torch.randn(shape_q, device=gpu_device, dtype=dtype)
+    k, v = (torch.randn(shape_k, device=gpu_device, dtype=dtype) for _ in range(2))
+    if layout == "bhsd":
+        out, lse = flash_attention(q, k, v, causal=causal, variant="auto", return_lse=True)
+    else:
+        out, lse = flash_attention_v2(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout=layout, causal=causal)
+    assert taken == ["forward_hopper"]
+    assert_matches(out, ref, 2e-3 if dtype == F16 else 1e-2)
+    assert_lse_matches(lse, ref_lse)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_hopper_kernel_writes_every_row(gpu_device):
+    """Direct launch into a NaN-filled output: every row below Sq written, lse too."""
+    q = torch.randn(2, 4, 200, 128, device=gpu_device, dtype=F16)
+    k, v = (torch.randn(2, 2, 256, 128, device=gpu_device, dtype=F16) for _ in range(2))
+    args = _launch.ScoreArgs(128 ** -0.5, True, -1, 0, 0.0, None, None)
+    assert _launch.hopper_ok(q, k, v, args)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, 4, 200), float("nan"), device=gpu_device)
+    _launch.forward_hopper(q, k, v, out, lse, args)
+    ref, ref_lse = reference_attention(q, k, v, causal=True)
+    assert_matches(out, ref, 2e-3)
+    assert_lse_matches(lse, ref_lse)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_hopper_kernel_leaves_the_rest_to_v2(monkeypatch, gpu_device):
+    """Keys that do not fill the last block (the descriptors would read a cache's unwritten
+    slots: NaN here), head_dim 64, a mask, Sq > Sk causal: V2. A cache slice that ends on a
+    block edge takes the Hopper kernel, and its NaN slots past the slice stay unread."""
+    taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
+    cache = torch.full((1, 4, 512, 128), float("nan"), device=gpu_device, dtype=F16)
+    q = torch.randn(1, 4, 64, 128, device=gpu_device, dtype=F16)
+    for Sk, expected in ((200, "forward_v2"), (256, "forward_hopper")):
+        keys = torch.randn(1, 4, Sk, 128, device=gpu_device, dtype=F16)
+        cache[:, :, :Sk] = keys
+        k, v = cache[:, :, :Sk], cache[:, :, :Sk]
+        taken.clear()
+        out = flash_attention(q, k, v, variant="auto")
+        assert taken == [expected]
+        assert not out.isnan().any()
+        assert_matches(out, reference_attention(q, k, v)[0], 2e-3)
+        cache[:, :, :Sk] = float("nan")
+    q64 = torch.randn(1, 4, 256, 64, device=gpu_device, dtype=F16)
+    taken.clear()
+    flash_attention(q64, q64, q64, variant="auto")
+    q128 = torch.randn(1, 4, 256, 128, device=gpu_device, dtype=F16)
+    flash_attention(q128, q128, q128, variant="auto",
+                    attn_mask=torch.ones(256, 256, dtype=torch.bool, device=gpu_device))
+    flash_attention(q128, q128[:, :, :128], q128[:, :, :128], variant="auto", causal=True)
+    assert taken == ["forward_v2"] * 3
