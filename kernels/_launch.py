@@ -212,6 +212,7 @@ def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs
         return False
     views = (row_view(q), row_view(k), row_view(v))
     return all(view is not None for view in views) and views[1] == views[2]
+    # the output is ours: BHSD or BSHD memory, which row_view always takes
 
 
 def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -231,14 +232,15 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         return _runtime.GluonDescriptor(t, [view.rows, view.cols], [view.stride, 1], [rows, D],
                                         layout)
 
-    qv, kv = row_view(q), row_view(k)
+    qv, kv, ov = row_view(q), row_view(k), row_view(out)
     rows = 64 * _HOPPER["NC"]
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     _runtime.launch(
         kernel, (_cdiv(Sq, rows), B * H), device,
         (descriptor(q, qv, 64), descriptor(k, kv, HOPPER_BLOCK_N),
-         descriptor(v, kv, HOPPER_BLOCK_N), out, lse_arg, qv.per_batch, qv.per_head,
-         qv.head_col, kv.per_batch, kv.per_head, kv.head_col, *out.stride()[:3],
+         descriptor(v, kv, HOPPER_BLOCK_N), descriptor(out, ov, 64), out, lse_arg,
+         qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
+         ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
          *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
         dict(CAUSAL=args.causal, STORE_LSE=store_lse, **_HOPPER), 4, 1, _HOPPER_MAXNREG)
 

@@ -21,6 +21,7 @@ sees a key (Sq <= Sk when causal), so no row ends with an empty softmax.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
         mbarrier,
     tma,
     warpgroup_mma,
@@ -36,7 +37,7 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
     """Loader partition: Q of every consumer once, then K and V block by block."""
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
-    b, h, m0, q_row, q_col, kv_row, kv_col = coords
+    b, h, m0, q_row, q_col, kv_row, kv_col, o_row, o_col = coords
     BN: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     NC: gl.constexpr = q_bufs.type.shape[0]
@@ -114,12 +115,13 @@ def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, dia
 
 
 @gluon.jit
-def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scalars, out_ptr,
+def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scalars, out,
              lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
     """Consumer warpgroup ``c``: rows [m0 + 64c, m0 + 64c + 64) of the tile."""
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
-    b, h, m0, q_row, q_col, kv_row, kv_col = coords
+    b, h, m0, q_row, q_col, kv_row, kv_col, o_row, o_col = coords
+    out_ptr, out_desc = out
     qk_scale, seqlen_q, seqlen_k, out_sb, out_sh, out_sm, lse_sb, lse_sh = scalars
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
@@ -184,58 +186,60 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     lse = gl.convert_layout((m_i + gl.log2(l_i)) * LN2, o_rows)
     gl.store(lse_ptr + b.to(gl.int64) * lse_sb + h.to(gl.int64) * lse_sh + rows, lse,
              mask=(rows < seqlen_q) & STORE_LSE)
-    # a pointer store, masked by row: the tile's rows past Sq are another head's or batch's
-    # rows of the 2-D views the descriptors read
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    base = out_ptr + b.to(gl.int64) * out_sb + h.to(gl.int64) * out_sh
-    gl.store(base + rows.to(gl.int64)[:, None] * out_sm + cols[None, :], acc.to(dtype),
-             mask=(rows < seqlen_q)[:, None])
+    if row0 + ROWS <= seqlen_q:
+        # a whole tile: staged in its (now free) Q slot and stored by TMA
+        q.store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [o_row + row0, o_col], q)
+        tma.store_wait(0)
+    else:
+        # the last tile: a pointer store masked by row, since the rows past Sq belong to
+        # another head or batch in the 2-D view the descriptor writes
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        base = out_ptr + b.to(gl.int64) * out_sb + h.to(gl.int64) * out_sh
+        gl.store(base + rows.to(gl.int64)[:, None] * out_sm + cols[None, :], acc.to(dtype),
+                 mask=(rows < seqlen_q)[:, None])
 
 
 # The partitions: warpgroup 0 is the default partition (the only one that may take tensor
 # arguments, hence the LSE pointer goes through every signature unchanged), the loader and
 # the other warpgroups are workers, whose functions must share one signature.
 @gluon.jit
-def _warpgroup0(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out_ptr,
+def _warpgroup0(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
                 lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 0, scalars, out_ptr, lse_ptr,
+    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 0, scalars, out, lse_ptr,
              CAUSAL, STORE_LSE)
 
 
 @gluon.jit
-def _warpgroup1(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out_ptr,
+def _warpgroup1(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
                 lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 1, scalars, out_ptr, lse_ptr,
+    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 1, scalars, out, lse_ptr,
              CAUSAL, STORE_LSE)
 
 
 @gluon.jit
-def _warpgroup2(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out_ptr,
-                lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 2, scalars, out_ptr, lse_ptr,
-             CAUSAL, STORE_LSE)
-
-
-@gluon.jit
-def _loader(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out_ptr, lse_ptr,
+def _loader(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out, lse_ptr,
             CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
     _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks)
 
 
 @gluon.jit
 def attention_fwd_hopper(
-    q_desc, k_desc, v_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_rb, kv_rh, kv_ch,
-    out_sb, out_sh, out_sm, lse_sb, lse_sh, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+    q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_rb, kv_rh,
+    kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, H, GROUP, seqlen_q,
+    seqlen_k, qk_scale,
     NC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
     """Q, K, V are read through 2-D tensor descriptors over their memory (blocks [64, D] for
     Q, [BLOCK_N, D] for K and V): query row s of head (b, h) is descriptor row
     b * q_rb + h * q_rh + s at column h * q_ch (K and V: b * kv_rb + hk * kv_rh, hk * kv_ch,
-    hk = h // GROUP; K and V share one layout). out (B, H, Sq, D) is written through pointers
-    with strides (out_sb, out_sh, out_sm, 1); lse (B, H, Sq) float32 with strides (lse_sb,
-    lse_sh, 1) when STORE_LSE. Grid: (query tiles of 64 * NC rows, B * H); kernel num_warps
-    4 (warpgroup 0)."""
+    hk = h // GROUP; K and V share one layout). out (B, H, Sq, D): whole 64-row tiles through
+    ``out_desc`` (blocks [64, D], rows b * o_rb + h * o_rh + s, column h * o_ch), the last
+    partial tile through ``out_ptr`` with strides (out_sb, out_sh, out_sm, 1). lse (B, H, Sq)
+    float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE. Grid: (query tiles of 64 * NC
+    rows, B * H); kernel num_warps 4 (warpgroup 0)."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
@@ -271,15 +275,12 @@ def attention_fwd_hopper(
         mbarrier.init(turn.index(i), count=1)
 
     hk = h // GROUP
-    coords = (b, h, m0, b * q_rb + h * q_rh, h * q_ch, b * kv_rb + hk * kv_rh, hk * kv_ch)
+    coords = (b, h, m0, b * q_rb + h * q_rh, h * q_ch, b * kv_rb + hk * kv_rh, hk * kv_ch,
+              b * o_rb + h * o_rh, h * o_ch)
     scalars = (qk_scale, seqlen_q, seqlen_k, out_sb, out_sh, out_sm, lse_sb, lse_sh)
     args = (q_desc, k_desc, v_desc, (q_bufs, k_bufs, v_bufs),
             (q_bar, k_ready, k_empty, v_ready, v_empty, turn), coords, n_blocks, scalars,
-            out_ptr, lse_ptr, CAUSAL, STORE_LSE)
-    if NC == 2:
-        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args)],
-                           [1, 4], [24, CONSUMER_REGS])
-    else:
-        gl.static_assert(NC == 3, "two or three consumer warpgroups")
-        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args),
-                            (_warpgroup2, args)], [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
+            (out_ptr, out_desc), lse_ptr, CAUSAL, STORE_LSE)
+    gl.static_assert(NC == 2, "two consumer warpgroups (the turns alternate between them)")
+    gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args)],
+                       [1, 4], [24, CONSUMER_REGS])
