@@ -190,29 +190,34 @@ def row_view(t: torch.Tensor) -> RowView | None:
 
 
 def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs) -> bool:
-    """Whether a dense call runs the warp-specialised Hopper kernel: an sm_90 GPU with Gluon,
-    fp16/bf16, head_dim 128, no mask, window, softcap or ALiBi, causal only with Sq <= Sk
-    (every row then sees a key), Sk a multiple of the key block (the descriptors would read
-    past a head's last key: other heads' rows, or unwritten cache slots whose NaNs would
-    survive the P.V product), K and V with one layout, and every tensor a ``row_view``. Large
-    calls only: the descriptors cost host time, as V2's (``_TMA_MIN_SCORES``)."""
+    """Whether a dense call runs the warp-specialised Hopper kernel: CUDA tensors, a triton
+    with Gluon, and ``hopper_covers`` for the device's capability."""
+    return (_runtime.GluonDescriptor is not None and q.device.type == "cuda"
+            and hopper_covers(_runtime.capability(q.device), q, k, v, args))
+
+
+def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, args: ScoreArgs) -> bool:
+    """The Hopper kernel's rule, given the device's capability (a pure function of the call,
+    tested on the CPU): sm_90, fp16/bf16, head_dim 128, no mask, window, softcap or ALiBi,
+    causal only with Sq <= Sk (every row then sees a key), Sk a multiple of the key block
+    (the descriptors would read past a head's last key: other heads' rows, or unwritten
+    cache slots whose NaNs would survive the P.V product), q, k, v each a ``row_view`` with
+    K and V read through one, and large calls only: descriptors cost host time, as V2's
+    (``_TMA_MIN_SCORES``). The output is ours, BHSD or BSHD memory: always a ``row_view``."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    if (_runtime.GluonDescriptor is None or q.device.type != "cuda"
-            or _runtime.capability(q.device) != (9, 0)):
+    if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or D != HOPPER_HEAD_DIM:
+    if D != HOPPER_HEAD_DIM or B * H * Sq * Sk < _TMA_MIN_SCORES:
         return False
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
         return False
-    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N or B * H * Sq * Sk < _TMA_MIN_SCORES:
+    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N:
         return False
-    if k.stride() != v.stride():
-        return False
-    views = (row_view(q), row_view(k), row_view(v))
-    return all(view is not None for view in views) and views[1] == views[2]
-    # the output is ours: BHSD or BSHD memory, which row_view always takes
+    q_view, k_view = row_view(q), row_view(k)
+    return q_view is not None and k_view is not None and k_view == row_view(v)
 
 
 def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -55,6 +55,57 @@ def test_row_view_refuses_what_tma_cannot_read(kind):
     assert _launch.row_view(t) is None
 
 
+def _args(causal=False, **changes) -> _launch.ScoreArgs:
+    fields = dict(sm_scale=128 ** -0.5, causal=causal, window_left=-1,
+                  window_right=0 if causal else -1, softcap=0.0, attn_mask=None,
+                  alibi_slopes=None)
+    return _launch.ScoreArgs(**{**fields, **changes})
+
+
+def _bhsd(B, H, S, D=128, dtype=F16):
+    return torch.empty(B, H, S, D, dtype=dtype)
+
+
+def _rule_cases():
+    q, kv = _bhsd(1, 16, 4096), _bhsd(1, 16, 4096)
+    gqa_q, gqa_kv = _bhsd(1, 32, 2048), _bhsd(1, 8, 4096)
+    bshd = torch.empty(1, 4096, 16, 128, dtype=F16).transpose(1, 2)
+    kv2 = _bhsd(2, 16, 4096)
+    yes = {
+        "plain": ((9, 0), q, kv, kv, _args()),
+        "bf16 causal": ((9, 0), q.bfloat16(), kv.bfloat16(), kv.bfloat16(), _args(True)),
+        "gqa causal Sq<Sk": ((9, 0), gqa_q, gqa_kv, gqa_kv, _args(True)),
+        "bshd views": ((9, 0), bshd, bshd, bshd, _args()),
+    }
+    no = {
+        "sm80": ((8, 0), q, kv, kv, _args()),
+        "sm100": ((10, 0), q, kv, kv, _args()),
+        "float32": ((9, 0), q.float(), kv.float(), kv.float(), _args()),
+        "head_dim 64": ((9, 0), _bhsd(1, 16, 4096, 64), _bhsd(1, 16, 4096, 64),
+                        _bhsd(1, 16, 4096, 64), _args()),
+        "mask": ((9, 0), q, kv, kv, _args(attn_mask=torch.ones(1, 1, 1, 4096, dtype=torch.bool))),
+        "alibi": ((9, 0), q, kv, kv, _args(alibi_slopes=torch.ones(1, 16))),
+        "softcap": ((9, 0), q, kv, kv, _args(softcap=30.0)),
+        "window": ((9, 0), q, kv, kv, _args(window_left=256)),
+        "causal Sq>Sk": ((9, 0), gqa_kv.repeat(1, 4, 1, 1), gqa_q[:, :8], gqa_q[:, :8],
+                         _args(True)),
+        "Sk 4000": ((9, 0), _bhsd(2, 16, 4096), kv2[:, :, :4000], kv2[:, :, :4000], _args()),
+        "small call": ((9, 0), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _args()),
+        "k and v laid out apart": ((9, 0), q, kv, bshd, _args()),
+        "strided head_dim": ((9, 0), q, kv, torch.empty(1, 16, 4096, 256, dtype=F16)[..., ::2],
+                             _args()),
+    }
+    return [(name, case, True) for name, case in yes.items()] + [
+        (name, case, False) for name, case in no.items()]
+
+
+@pytest.mark.parametrize("name,case,expected", _rule_cases(), ids=lambda x: x
+                         if isinstance(x, str) else "")
+def test_hopper_rule(name, case, expected):
+    capability, q, k, v, args = case
+    assert _launch.hopper_covers(capability, q, k, v, args) is expected
+
+
 def test_hopper_kernel_only_on_cuda():
     q = torch.randn(1, 2, 128, 128, dtype=F16)
     args = _launch.ScoreArgs(128 ** -0.5, False, -1, -1, 0.0, None, None)
