@@ -146,11 +146,12 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
-# The warp-specialised Hopper kernel (kernels/_triton/hopper.py): its one configuration, for
-# head_dim 128 (H200, 2026-12-01: 0.98-1.01x cuDNN where V2 reached 0.86-0.90; at head_dim 64
-# it was slower than V2, and three consumer warpgroups spill at 128 registers).
-HOPPER_HEAD_DIM = 128
-HOPPER_BLOCK_N = 128
+# The warp-specialised Hopper kernel (kernels/_triton/hopper.py): key block by head_dim (the
+# head_dims it runs; at 64 it was slower than V2, softmax-bound, and three consumer warpgroups
+# spill at 128 registers). head_dim 256 takes 64-key blocks: two stages of K and V then fit
+# beside Q in shared memory (192 KiB). Measurements: benchmarks/RESULTS.md, "Fourteenth
+# session".
+HOPPER_BLOCK_N = {128: 128, 256: 64}
 _HOPPER = dict(NC=2, STAGES=2, CONSUMER_REGS=240)  # 2 x 240 + 24 registers per thread: the
 _HOPPER_MAXNREG = 168  # kernel's 12 warps at 168 fill the register file; one program per SM
 
@@ -199,7 +200,7 @@ def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs
 def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, args: ScoreArgs) -> bool:
     """The Hopper kernel's rule, given the device's capability (a pure function of the call,
-    tested on the CPU): sm_90, fp16/bf16, head_dim 128, no mask, window, softcap or ALiBi,
+    tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or ALiBi,
     causal only with Sq <= Sk (every row then sees a key), Sk a multiple of the key block
     (the descriptors would read past a head's last key: other heads' rows, or unwritten
     cache slots whose NaNs would survive the P.V product), q, k, v each a ``row_view`` with
@@ -209,12 +210,12 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if D != HOPPER_HEAD_DIM or B * H * Sq * Sk < _TMA_MIN_SCORES:
+    if D not in HOPPER_BLOCK_N or B * H * Sq * Sk < _TMA_MIN_SCORES:
         return False
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
         return False
-    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N:
+    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N[D]:
         return False
     q_view, k_view = row_view(q), row_view(k)
     return q_view is not None and k_view is not None and k_view == row_view(v)
@@ -242,8 +243,8 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     _runtime.launch(
         kernel, (_cdiv(Sq, rows), B * H), device,
-        (descriptor(q, qv, 64), descriptor(k, kv, HOPPER_BLOCK_N),
-         descriptor(v, kv, HOPPER_BLOCK_N), descriptor(out, ov, 64), out, lse_arg,
+        (descriptor(q, qv, 64), descriptor(k, kv, HOPPER_BLOCK_N[D]),
+         descriptor(v, kv, HOPPER_BLOCK_N[D]), descriptor(out, ov, 64), out, lse_arg,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
          ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
          *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),

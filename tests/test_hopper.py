@@ -76,6 +76,8 @@ def _rule_cases():
         "bf16 causal": ((9, 0), q.bfloat16(), kv.bfloat16(), kv.bfloat16(), _args(True)),
         "gqa causal Sq<Sk": ((9, 0), gqa_q, gqa_kv, gqa_kv, _args(True)),
         "bshd views": ((9, 0), bshd, bshd, bshd, _args()),
+        "head_dim 256, Sk 4032": ((9, 0), _bhsd(2, 16, 4096, 256), _bhsd(2, 16, 4032, 256),
+                                  _bhsd(2, 16, 4032, 256), _args()),
     }
     no = {
         "sm80": ((8, 0), q, kv, kv, _args()),
@@ -89,6 +91,10 @@ def _rule_cases():
         "window": ((9, 0), q, kv, kv, _args(window_left=256)),
         "causal Sq>Sk": ((9, 0), gqa_kv.repeat(1, 4, 1, 1), gqa_q[:, :8], gqa_q[:, :8],
                          _args(True)),
+        "head_dim 96": ((9, 0), _bhsd(1, 16, 4096, 96), _bhsd(1, 16, 4096, 96),
+                        _bhsd(1, 16, 4096, 96), _args()),
+        "head_dim 256, Sk 4000": ((9, 0), _bhsd(2, 16, 4096, 256), _bhsd(2, 16, 4000, 256),
+                                  _bhsd(2, 16, 4000, 256), _args()),
         "Sk 4000": ((9, 0), _bhsd(2, 16, 4096), kv2[:, :, :4000], kv2[:, :, :4000], _args()),
         "small call": ((9, 0), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _args()),
         "k and v laid out apart": ((9, 0), q, kv, bshd, _args()),
@@ -132,13 +138,14 @@ CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_hopper_kernel_matches_reference(monkeypatch, gpu_device, case, dtype):
+def test_gpu_hopper_kernel_matches_reference(monkeypatch, gpu_device, case, dtype, head_dim):
     B, H, Hkv, Sq, Sk, causal, layout = case
     taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
-    shape_q = (B, H, Sq, 128) if layout == "bhsd" else (B, Sq, H, 128)
-    shape_k = (B, Hkv, Sk, 128) if layout == "bhsd" else (B, Sk, Hkv, 128)
+    shape_q = (B, H, Sq, head_dim) if layout == "bhsd" else (B, Sq, H, head_dim)
+    shape_k = (B, Hkv, Sk, head_dim) if layout == "bhsd" else (B, Sk, Hkv, head_dim)
     q = torch.randn(shape_q, device=gpu_device, dtype=dtype)
     k, v = (torch.randn(shape_k, device=gpu_device, dtype=dtype) for _ in range(2))
     if layout == "bhsd":
