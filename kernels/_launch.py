@@ -190,22 +190,26 @@ def row_view(t: torch.Tensor) -> RowView | None:
     return view if view.rows < 2**31 else None
 
 
-def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ScoreArgs) -> bool:
+def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              args: ScoreArgs) -> bool:
     """Whether a dense call runs the warp-specialised Hopper kernel: CUDA tensors, a triton
-    with Gluon, and ``hopper_covers`` for the device's capability."""
+    with Gluon, ``hopper_covers`` for the device's capability, and an output the kernel's
+    TMA stores can address (ours always is: BHSD or BSHD memory)."""
     return (_runtime.GluonDescriptor is not None and q.device.type == "cuda"
-            and hopper_covers(_runtime.capability(q.device), q, k, v, args))
+            and hopper_covers(_runtime.capability(q.device), q, k, v, args)
+            and row_view(out) is not None)
 
 
 def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, args: ScoreArgs) -> bool:
     """The Hopper kernel's rule, given the device's capability (a pure function of the call,
-    tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or ALiBi,
-    causal only with Sq <= Sk (every row then sees a key), Sk a multiple of the key block
-    (the descriptors would read past a head's last key: other heads' rows, or unwritten
-    cache slots whose NaNs would survive the P.V product), q, k, v each a ``row_view`` with
-    K and V read through one, and large calls only: descriptors cost host time, as V2's
-    (``_TMA_MIN_SCORES``). The output is ours, BHSD or BSHD memory: always a ``row_view``."""
+    tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or
+    ALiBi, causal only with Sq <= Sk (every row then sees a key), Sk a non-zero multiple of
+    the key block (the descriptors would read past a head's last key: other heads' rows, or
+    unwritten cache slots whose NaNs would survive the P.V product; no key at all would
+    leave the consumers waiting for a first block), q, k, v each a ``row_view`` with K and V
+    read through one, and large calls only: descriptors cost host time, as V2's
+    (``_TMA_MIN_SCORES``)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
@@ -215,7 +219,7 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
         return False
-    if (args.causal and Sq > Sk) or Sk % HOPPER_BLOCK_N[D]:
+    if (args.causal and Sq > Sk) or Sk == 0 or Sk % HOPPER_BLOCK_N[D]:
         return False
     q_view, k_view = row_view(q), row_view(k)
     return q_view is not None and k_view is not None and k_view == row_view(v)
@@ -224,7 +228,7 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
 def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor | None, args: ScoreArgs) -> None:
     """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted; shapes as in
-    ``forward_v2``."""
+    ``forward_v2``. One program per 128 query rows and head, 12 warps, one per SM."""
     from triton.experimental.gluon import language as gl
 
     device = q.device

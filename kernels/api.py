@@ -198,7 +198,7 @@ def _dispatch(q, k, v, out, lse, args, variant, cu_seqlens_q, cu_seqlens_k, max_
         _launch.forward_v1(q, k, v, out, lse, args)
     elif variant == "splitkv":
         _launch.forward_splitkv(q, k, v, out, lse, args)
-    elif variant == "v2" and cu_seqlens_q is None and _launch.hopper_ok(q, k, v, args):
+    elif variant == "v2" and cu_seqlens_q is None and _launch.hopper_ok(q, k, v, out, args):
         _launch.forward_hopper(q, k, v, out, lse, args)  # FA2's algorithm, Hopper's schedule
     elif variant == "v2":
         _launch.forward_v2(q, k, v, out, lse, args, cu_seqlens_q=cu_seqlens_q,

@@ -112,10 +112,19 @@ def test_hopper_rule(name, case, expected):
     assert _launch.hopper_covers(capability, q, k, v, args) is expected
 
 
+def test_hopper_rule_needs_keys(monkeypatch):
+    """With the size bound out of the way (the GPU tests lower it), an empty K/V is still
+    refused: the consumers would wait for a first key block forever."""
+    monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0)
+    q, kv = _bhsd(1, 2, 128), _bhsd(1, 2, 128)
+    assert _launch.hopper_covers((9, 0), q, kv, kv, _args())
+    assert not _launch.hopper_covers((9, 0), q, kv[:, :, :0], kv[:, :, :0], _args())
+
+
 def test_hopper_kernel_only_on_cuda():
     q = torch.randn(1, 2, 128, 128, dtype=F16)
     args = _launch.ScoreArgs(128 ** -0.5, False, -1, -1, 0.0, None, None)
-    assert not _launch.hopper_ok(q, q, q, args)
+    assert not _launch.hopper_ok(q, q, q, q, args)
 
 
 def _hopper_gpu() -> bool:
@@ -165,7 +174,7 @@ def test_gpu_hopper_kernel_writes_every_row(gpu_device):
     q = torch.randn(2, 4, 200, 128, device=gpu_device, dtype=F16)
     k, v = (torch.randn(2, 2, 256, 128, device=gpu_device, dtype=F16) for _ in range(2))
     args = _launch.ScoreArgs(128 ** -0.5, True, -1, 0, 0.0, None, None)
-    assert _launch.hopper_ok(q, k, v, args)
+    assert _launch.hopper_ok(q, k, v, q, args)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((2, 4, 200), float("nan"), device=gpu_device)
     _launch.forward_hopper(q, k, v, out, lse, args)

@@ -1,6 +1,6 @@
 """FlashAttention-2's forward with Hopper's asynchronous schedule (FlashAttention-3's), in
 Gluon, Triton's lower-level language: only for sm_90, fp16/bf16, and calls without a mask,
-window, softcap or ALiBi (``kernels._launch._hopper_ok`` says exactly which).
+window, softcap or ALiBi (``kernels._launch.hopper_covers`` says exactly which).
 
 Why a second kernel for the plain case: triton 3.6 compiles ``v2.py``'s loop with CTA-wide
 barriers around its loads, so the two warpgroups of a program do their softmax at the same
@@ -8,10 +8,12 @@ time and leave the tensor cores idle together (benchmarks/NOTES.md). Here the wo
 by hand (``gl.warp_specialize``):
 - one loader warp issues the TMA loads of Q (once) and of the K and V blocks into a ring of
   ``STAGES`` shared-memory slots, each slot guarded by a "ready" and an "empty" mbarrier;
-- ``NC`` consumer warpgroups each own 64 query rows of the program's ``64 * NC``-row tile.
+- two consumer warpgroups (``NC``) each own 64 query rows of the program's 128-row tile.
   They take turns issuing their matrix products (the ``turn`` mbarriers: ping-pong), so one
-  warpgroup's softmax runs under the others' products; and inside a warpgroup the scores of
+  warpgroup's softmax runs under the other's products; and inside a warpgroup the scores of
   block j + 1 are computed while the softmax of block j runs (the wgmma is asynchronous).
+- whole output tiles leave through TMA from the consumer's Q slot, a last partial tile
+  through masked pointer stores.
 
 Conventions are ``common.py``'s: scores in log2 units, query row i sees key j iff
 j <= i + Sk - Sq when causal. The launcher only calls this kernel where every query row
@@ -22,7 +24,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
-        mbarrier,
+    mbarrier,
     tma,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -201,9 +203,10 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
                  mask=(rows < seqlen_q)[:, None])
 
 
-# The partitions: warpgroup 0 is the default partition (the only one that may take tensor
-# arguments, hence the LSE pointer goes through every signature unchanged), the loader and
-# the other warpgroups are workers, whose functions must share one signature.
+# The partitions: warpgroup 0 runs as the default partition (the kernel's own 4 warps), the
+# loader (1 warp) and warpgroup 1 as workers. Worker functions must share one signature, so
+# all three take the same arguments; each warpgroup needs a function of its own, since its
+# index is a constexpr.
 @gluon.jit
 def _warpgroup0(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
                 lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
