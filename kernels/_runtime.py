@@ -94,7 +94,7 @@ def _specialization(value: object) -> object:
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
         return value.base.dtype, tuple(value.block_shape), value.base.data_ptr() & 15
     if GluonDescriptor is not None and isinstance(value, GluonDescriptor):
-        return value.base.dtype, tuple(value.block_shape), repr(value.layout)
+        return value.base.dtype, tuple(value.block_shape), value.layout
     return kind, value
 
 

@@ -55,6 +55,58 @@ def test_row_view_refuses_what_tma_cannot_read(kind):
     assert _launch.row_view(t) is None
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "bhsd_in_bshd_out"])
+def test_hopper_launch_addresses_every_head(monkeypatch, layout):
+    """The launch arguments, read back the way the kernel reads them: each (b, h)'s Q, K/V
+    (head h // group) and output rows through the descriptors and their per-head
+    coordinates, and the pointer strides of the last tile and of lse."""
+    from types import SimpleNamespace
+
+    from kernels import _runtime
+
+    launches = []
+    monkeypatch.setattr(_runtime, "kernel_module",
+                        lambda name, device: SimpleNamespace(attention_fwd_hopper=name))
+    monkeypatch.setattr(_runtime, "launch", lambda *call: launches.append(call))
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 200, 256, 128
+    if layout != "bshd":  # the Hugging Face patcher's call: BHSD in, BSHD out
+        q, out = torch.randn(B, H, Sq, D, dtype=F16), torch.empty(B, H, Sq, D, dtype=F16)
+        k, v = (torch.randn(B, Hkv, Sk, D, dtype=F16) for _ in range(2))
+        if layout == "bhsd_in_bshd_out":
+            out = torch.empty(B, Sq, H, D, dtype=F16).transpose(1, 2)
+    else:
+        q = torch.randn(B, Sq, H, D, dtype=F16).transpose(1, 2)
+        out = torch.empty(B, Sq, H, D, dtype=F16).transpose(1, 2)
+        kv = torch.randn(B, Sk, 2, Hkv, D, dtype=F16)  # packed, as the modules' projections
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    lse = torch.empty(B, H, Sq)
+    _launch.forward_hopper(q, k, v, out, lse, _args(True))
+    (kernel, grid, device, call_args, constexprs, warps, stages, maxnreg), = launches
+    (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_rb, kv_rh, kv_ch,
+     o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, heads, group, seqlen_q,
+     seqlen_k, _) = call_args
+    assert kernel == "hopper" and grid == (2, B * H) and (warps, maxnreg) == (4, 168)
+    assert constexprs["CAUSAL"] and constexprs["STORE_LSE"]
+    assert (heads, group, seqlen_q, seqlen_k) == (H, H // Hkv, Sq, Sk)
+    assert out_ptr is out and lse_ptr is lse
+    assert (out_sb, out_sh, out_sm) == out.stride()[:3] and (lse_sb, lse_sh) == lse.stride()[:2]
+    assert q_desc.block_shape == [64, D] and k_desc.block_shape == [128, D]
+
+    def rows(desc, row, col, n):
+        matrix = torch.as_strided(desc.base, desc.shape, desc.strides,
+                                  desc.base.storage_offset())
+        return matrix[row:row + n, col:col + D]
+
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            assert torch.equal(rows(q_desc, b * q_rb + h * q_rh, h * q_ch, Sq), q[b, h])
+            assert torch.equal(rows(k_desc, b * kv_rb + hk * kv_rh, hk * kv_ch, Sk), k[b, hk])
+            assert torch.equal(rows(v_desc, b * kv_rb + hk * kv_rh, hk * kv_ch, Sk), v[b, hk])
+            out[b, h] = torch.randn(Sq, D, dtype=F16)  # fresh values at this head only
+            assert torch.equal(rows(o_desc, b * o_rb + h * o_rh, h * o_ch, Sq), out[b, h])
+
+
 def _args(causal=False, **changes) -> _launch.ScoreArgs:
     fields = dict(sm_scale=128 ** -0.5, causal=causal, window_left=-1,
                   window_right=0 if causal else -1, softcap=0.0, attn_mask=None,
