@@ -474,8 +474,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, variant="v1",
         causal: query i sees key j iff j <= i + Sk - Sq (aligned bottom-right).
         softmax_scale: defaults to 1 / sqrt(D).
         variant: "v1" (FlashAttention-1 schedule, the default of the layout guide), "v2"
-            (FlashAttention-2 on the BHSD strides, no copy) or "auto" (BackendSelector's
-            choice). **"auto" is the fast choice**; "v1" is kept for reference.
+            (FlashAttention-2 on the BHSD strides, no copy; on sm_90 its plain head_dim 128
+            and 256 calls run with FlashAttention-3's warp-specialised schedule,
+            ``kernels._launch.hopper_covers``) or "auto" (BackendSelector's choice).
+            **"auto" is the fast choice**; "v1" is kept for reference.
         return_lse: also return the natural-log log-sum-exp (B, H, Sq), float32, -inf for rows
             that see no key.
         attn_mask: SDPA's convention, broadcastable to (B, H, Sq, Sk): bool (True = take
@@ -509,7 +511,8 @@ def flash_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        alibi_slopes: torch.Tensor | None = None):
     """FlashAttention-2 on (batch, seq_len, heads, head_dim) tensors ("BSHD", flash-attn's
     layout): q (B, Sq, H, D), k/v (B, Sk, Hkv, D); returns (B, Sq, H, D) and, with
-    ``return_lse``, lse (B, H, Sq). Every option means what it means in ``flash_attention``;
+    ``return_lse``, lse (B, H, Sq). Every option means what it means in ``flash_attention``
+    (and, as its "v2", takes the warp-specialised Hopper kernel where that covers the call);
     ``attn_mask`` still broadcasts to (B, H, Sq, Sk) whatever the layout."""
     return attention(q, k, v, layout="bshd", out_bshd=True, variant="v2", causal=causal,
                      softmax_scale=softmax_scale, return_lse=return_lse, attn_mask=attn_mask,
