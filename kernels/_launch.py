@@ -147,14 +147,30 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
-# The warp-specialised Hopper kernel (kernels/_triton/hopper.py): key block by head_dim (the
-# head_dims it runs; at 64 it was slower than V2, softmax-bound, and three consumer warpgroups
-# spill at 128 registers). head_dim 256 takes 64-key blocks: two stages of K and V then fit
-# beside Q in shared memory (192 KiB). Measurements: benchmarks/RESULTS.md, "Fourteenth
-# session".
-HOPPER_BLOCK_N = {128: 128, 256: 64}
-_HOPPER = dict(NC=2, STAGES=2, CONSUMER_REGS=240)  # 2 x 240 + 24 registers per thread: the
-_HOPPER_MAXNREG = 168  # kernel's 12 warps at 168 fill the register file; one program per SM
+class HopperConfig(NamedTuple):
+    """A launch of the warp-specialised Hopper kernel: key rows per block, K/V stages in
+    shared memory, consumer warpgroups (64 query rows each)."""
+
+    block_n: int
+    num_stages: int
+    consumers: int = 2
+
+    def registers(self) -> tuple[int, int]:
+        """(worker consumers' registers per thread, the kernel's maxnreg): the register file
+        (64K) shared by the consumers' and the loader's warpgroups, the loader left with 24,
+        the consumers an equal share (warpgroup 0 keeps what remains, at least as much): two
+        consumers 240 (maxnreg 168), three 160 (maxnreg 128)."""
+        maxnreg = 65536 // (128 * (self.consumers + 1)) // 8 * 8
+        share = (maxnreg * (self.consumers + 1) - 24) // self.consumers // 8 * 8
+        return min(240, share), maxnreg
+
+
+# Its configuration by head_dim, and the head_dims it runs (benchmarks/RESULTS.md,
+# "Fourteenth session"): at 64 the two-warpgroup schedule was slower than V2 (softmax-bound;
+# three warpgroups with 64-key blocks compile without spills and are what
+# benchmarks/tune_hopper.py measures next). head_dim 256 takes 64-key blocks: two stages of
+# K and V then fit beside Q in shared memory (192 KiB).
+HOPPER_CONFIGS = {128: HopperConfig(128, 2), 256: HopperConfig(64, 2)}
 
 
 class RowView(NamedTuple):
@@ -215,12 +231,12 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if D not in HOPPER_BLOCK_N or B * H * Sq * Sk < _TMA_MIN_SCORES:
+    if D not in HOPPER_CONFIGS or B * H * Sq * Sk < _TMA_MIN_SCORES:
         return False
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
         return False
-    if (args.causal and Sq > Sk) or Sk == 0 or Sk % HOPPER_BLOCK_N[D]:
+    if (args.causal and Sq > Sk) or Sk == 0 or Sk % HOPPER_CONFIGS[D].block_n:
         return False
     q_view, k_view = row_view(q), row_view(k)
     return q_view is not None and k_view is not None and k_view == row_view(v)
@@ -237,29 +253,33 @@ def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
 
 
 def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor | None, args: ScoreArgs) -> None:
-    """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted; shapes as in
-    ``forward_v2``. One program per 128 query rows and head, 12 warps, one per SM."""
+                   lse: torch.Tensor | None, args: ScoreArgs, *,
+                   config: HopperConfig | None = None) -> None:
+    """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted (with another
+    ``config``, Sk must be a multiple of its block_n); shapes as in ``forward_v2``. One
+    program per 64 * consumers query rows and head, one per multiprocessor."""
     device = q.device
     kernel = _runtime.kernel_module("hopper", device).attention_fwd_hopper
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    cfg = config or HOPPER_CONFIGS[D]
+    consumer_regs, maxnreg = cfg.registers()
 
     def descriptor(t: torch.Tensor, view: RowView, rows: int):
         return _runtime.GluonDescriptor(t, [view.rows, view.cols], [view.stride, 1], [rows, D],
                                         _tile_layout(rows, D, t.dtype))
 
     qv, kv, ov = row_view(q), row_view(k), row_view(out)
-    rows = 64 * _HOPPER["NC"]
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     _runtime.launch(
-        kernel, (_cdiv(Sq, rows), B * H), device,
-        (descriptor(q, qv, 64), descriptor(k, kv, HOPPER_BLOCK_N[D]),
-         descriptor(v, kv, HOPPER_BLOCK_N[D]), descriptor(out, ov, 64), out, lse_arg,
+        kernel, (_cdiv(Sq, 64 * cfg.consumers), B * H), device,
+        (descriptor(q, qv, 64), descriptor(k, kv, cfg.block_n),
+         descriptor(v, kv, cfg.block_n), descriptor(out, ov, 64), out, lse_arg,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
          ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
          *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
-        dict(CAUSAL=args.causal, STORE_LSE=store_lse, **_HOPPER), 4, 1, _HOPPER_MAXNREG)
+        dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=args.causal,
+             STORE_LSE=store_lse, CONSUMER_REGS=consumer_regs), 4, 1, maxnreg)
 
 
 def forward_v2(

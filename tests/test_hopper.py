@@ -107,6 +107,16 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout):
             assert torch.equal(rows(o_desc, b * o_rb + h * o_rh, h * o_ch, Sq), out[b, h])
 
 
+@pytest.mark.parametrize("consumers", [2, 3])
+def test_hopper_registers_fill_the_file(consumers):
+    """Each consumer's share, the loader's 24 and warpgroup 0's remainder (at least a share)
+    fit in the 64K registers of a multiprocessor."""
+    share, maxnreg = _launch.HopperConfig(64, 2, consumers).registers()
+    warpgroups = consumers + 1
+    assert maxnreg * warpgroups * 128 <= 65536 and share % 8 == 0
+    assert maxnreg * warpgroups - 24 - (consumers - 1) * share >= share
+
+
 def _args(causal=False, **changes) -> _launch.ScoreArgs:
     fields = dict(sm_scale=128 ** -0.5, causal=causal, window_left=-1,
                   window_right=0 if causal else -1, softcap=0.0, attn_mask=None,

@@ -8,10 +8,11 @@ time and leave the tensor cores idle together (benchmarks/NOTES.md). Here the wo
 by hand (``gl.warp_specialize``):
 - one loader warp issues the TMA loads of Q (once) and of the K and V blocks into a ring of
   ``STAGES`` shared-memory slots, each slot guarded by a "ready" and an "empty" mbarrier;
-- two consumer warpgroups (``NC``) each own 64 query rows of the program's 128-row tile.
-  They take turns issuing their matrix products (the ``turn`` mbarriers: ping-pong), so one
-  warpgroup's softmax runs under the other's products; and inside a warpgroup the scores of
-  block j + 1 are computed while the softmax of block j runs (the wgmma is asynchronous).
+- ``NC`` consumer warpgroups (2 or 3) each own 64 query rows of the program's 64*NC-row
+  tile. They take turns issuing their matrix products, in a ring (the ``turn`` mbarriers:
+  ping-pong for two), so one warpgroup's softmax runs under the others' products; and
+  inside a warpgroup the scores of block j + 1 are computed while the softmax of block j
+  runs (the wgmma is asynchronous).
 - whole output tiles leave through TMA from the consumer's Q slot, a last partial tile
   through masked pointer stores.
 
@@ -204,7 +205,7 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
 
 
 # The partitions: warpgroup 0 runs as the default partition (the kernel's own 4 warps), the
-# loader (1 warp) and warpgroup 1 as workers. Worker functions must share one signature, so
+# loader (1 warp) and the other warpgroups as workers. Worker functions must share one signature, so
 # all three take the same arguments; each warpgroup needs a function of its own, since its
 # index is a constexpr.
 @gluon.jit
@@ -218,6 +219,13 @@ def _warpgroup0(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, o
 def _warpgroup1(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
                 lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
     _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 1, scalars, out, lse_ptr,
+             CAUSAL, STORE_LSE)
+
+
+@gluon.jit
+def _warpgroup2(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
+                lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
+    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 2, scalars, out, lse_ptr,
              CAUSAL, STORE_LSE)
 
 
@@ -242,7 +250,8 @@ def attention_fwd_hopper(
     ``out_desc`` (blocks [64, D], rows b * o_rb + h * o_rh + s, column h * o_ch), the last
     partial tile through ``out_ptr`` with strides (out_sb, out_sh, out_sm, 1). lse (B, H, Sq)
     float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE. Grid: (query tiles of 64 * NC
-    rows, B * H); kernel num_warps 4 (warpgroup 0)."""
+    rows, B * H); kernel num_warps 4 (warpgroup 0); the workers get CONSUMER_REGS registers
+    per thread (the loader 24), warpgroup 0 what the kernel's maxnreg leaves."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
@@ -284,6 +293,10 @@ def attention_fwd_hopper(
     args = (q_desc, k_desc, v_desc, (q_bufs, k_bufs, v_bufs),
             (q_bar, k_ready, k_empty, v_ready, v_empty, turn), coords, n_blocks, scalars,
             (out_ptr, out_desc), lse_ptr, CAUSAL, STORE_LSE)
-    gl.static_assert(NC == 2, "two consumer warpgroups (the turns alternate between them)")
-    gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args)],
-                       [1, 4], [24, CONSUMER_REGS])
+    if NC == 2:
+        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args)],
+                           [1, 4], [24, CONSUMER_REGS])
+    else:
+        gl.static_assert(NC == 3, "two or three consumer warpgroups")
+        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args),
+                            (_warpgroup2, args)], [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
