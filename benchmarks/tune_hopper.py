@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tune_v2 import sweep_inputs  # run as a script: its folder is on sys.path
 
 from kernels import _launch
 from kernels.api import score_args
@@ -45,12 +46,7 @@ def main() -> None:
     p.add_argument("--consumers", type=int, nargs="+", default=[2, 3])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seq_len")
     a = p.parse_args()
-    dtype = getattr(torch, a.dtype)
-    for causal, D, S in itertools.product([c == "true" for c in a.causal], a.head_dims, a.seqs):
-        H, B = 2048 // D, max(1, a.tokens // S)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
-        k, v = torch.randn_like(q), torch.randn_like(q)
-        flops = 4 * B * H * S * S * D * (0.5 if causal else 1)
+    for causal, D, S, B, H, q, k, v, flops in sweep_inputs(a):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             cudnn = flops / triton.testing.do_bench(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import _launch
 from kernels.api import score_args
 from kernels.configs import TileConfig
+
+
+def sweep_inputs(a: argparse.Namespace) -> Iterator[tuple]:
+    """(causal, D, S, B, H, q, k, v, flops) for every causal flag, head_dim and sequence
+    length of the parsed arguments ``a`` (``causal``, ``head_dims``, ``seqs``, ``tokens``,
+    ``dtype``): H * D = 2048, B * S = tokens, fresh normal inputs on the GPU."""
+    dtype = getattr(torch, a.dtype)
+    for causal, D, S in itertools.product([c == "true" for c in a.causal], a.head_dims, a.seqs):
+        H, B = 2048 // D, max(1, a.tokens // S)
+        q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        yield causal, D, S, B, H, q, k, v, 4 * B * H * S * S * D * (0.5 if causal else 1)
 
 
 def main() -> None:
@@ -37,12 +50,7 @@ def main() -> None:
                    help="batch * seq_len (batch at least 1): 32k for the benchmark grids, "
                         "a sequence length for batch-1 (small-grid) shapes")
     a = p.parse_args()
-    dtype = getattr(torch, a.dtype)
-    for causal, D, S in itertools.product([c == "true" for c in a.causal], a.head_dims, a.seqs):
-        H, B = 2048 // D, max(1, a.tokens // S)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
-        k, v = torch.randn_like(q), torch.randn_like(q)
-        flops = 4 * B * H * S * S * D * (0.5 if causal else 1)
+    for causal, D, S, B, H, q, k, v, flops in sweep_inputs(a):
         peers = {}
         for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("flash", SDPBackend.FLASH_ATTENTION)):
