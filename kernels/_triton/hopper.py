@@ -63,26 +63,23 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
 
 
 @gluon.jit
-def _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL: gl.constexpr, MASKED: gl.constexpr):
-    """Block j's scores in log2 units; keys past Sk (zero-filled by TMA) and, when causal,
-    after the row's diagonal are -inf on a MASKED block."""
+def _scores(s, qk_scale, j, row0, diag, MASKED: gl.constexpr):
+    """Block j's scores in log2 units; on a MASKED block (one that crosses a causal
+    diagonal) the keys after each row's diagonal are -inf. Sk is a multiple of the key block
+    (``hopper_covers``), so no block reaches past the last key."""
     s = s * qk_scale
     if MASKED:
         BM: gl.constexpr = s.type.shape[0]
         BN: gl.constexpr = s.type.shape[1]
         cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
-        if CAUSAL:
-            rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s.type.layout))
-            keep = (cols < seqlen_k)[None, :] & (cols[None, :] <= (rows + diag)[:, None])
-            s = gl.where(keep, s, float("-inf"))
-        else:
-            s = s + gl.where(cols < seqlen_k, 0.0, float("-inf"))[None, :]
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s.type.layout))
+        s = gl.where(cols[None, :] <= (rows + diag)[:, None], s, float("-inf"))
     return s
 
 
 @gluon.jit
-def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, diag, seqlen_k,
-          CAUSAL: gl.constexpr, MASKED: gl.constexpr):
+def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, diag,
+          MASKED: gl.constexpr):
     """One key block j >= 1 of consumer ``c``: issue S_j = Q K_j^T, then P_{j-1} V_{j-1} into
     the accumulator, hand the tensor cores to the next warpgroup, and run S_j's softmax while
     P_{j-1} V_{j-1} completes."""
@@ -106,7 +103,7 @@ def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, dia
     mbarrier.arrive(turn.index((c + 1) % NC), count=1)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the scores; P.V still runs
     mbarrier.arrive(k_empty.index(slot), count=1)
-    s = _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL, MASKED)
+    s = _scores(s, qk_scale, j, row0, diag, MASKED)
     m_new = gl.maximum(m_i, gl.max(s, 1))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - m_new[:, None])
@@ -141,11 +138,11 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
 
     row0 = m0 + c * ROWS
     diag = seqlen_k - seqlen_q
-    # blocks [0, n_full) need no mask for these rows; blocks [n_full, n_blocks) do
-    n_full = seqlen_k // BN
+    # blocks [0, n_full) need no mask for these rows; when causal, blocks [n_full, n_blocks)
+    # cross their diagonal
+    n_full = n_blocks
     if CAUSAL:
-        n_full = gl.minimum(n_full, (row0 + diag + 1) // BN)
-    n_full = gl.minimum(n_full, n_blocks)
+        n_full = gl.minimum(n_blocks, (row0 + diag + 1) // BN)
     q = q_bufs.index(c)
     zeros = gl.zeros([ROWS, BN], gl.float32, layout=s_layout)
     acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
@@ -160,9 +157,9 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
     if n_full > 0:
-        s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, False)
-    else:
-        s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, True)
+        s = _scores(s, qk_scale, 0, row0, diag, False)
+    else:  # causal rows whose diagonal falls in block 0
+        s = _scores(s, qk_scale, 0, row0, diag, True)
     m_i = gl.max(s, 1)
     p = gl.exp2(s - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -171,10 +168,11 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     n_split = gl.maximum(n_full, 1)
     for j in range(1, n_split):
         p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
-                                 seqlen_k, CAUSAL, False)
-    for j in range(n_split, n_blocks):
-        p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
-                                 seqlen_k, CAUSAL, True)
+                                 False)
+    if CAUSAL:
+        for j in range(n_split, n_blocks):
+            p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0,
+                                     diag, True)
 
     last = (n_blocks - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
