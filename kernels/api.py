@@ -379,7 +379,8 @@ def _call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seql
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
               out_bshd: bool, variant: str, causal: bool, softmax_scale: float | None,
               return_lse: bool, attn_mask: torch.Tensor | None, window_size: tuple[int, int],
-              softcap: float, alibi_slopes: torch.Tensor | None):
+              softcap: float, alibi_slopes: torch.Tensor | None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Shared body of the dense entry points: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) for
     ``layout`` "bhsd", (B, S, H, D) for "bshd", any strides (validated here). Returns out
     (B, Sq, H, D) when ``out_bshd`` else (B, H, Sq, D), contiguous, and lse (B, H, Sq) with
@@ -508,7 +509,8 @@ def flash_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                        causal: bool = False, softmax_scale: float | None = None,
                        return_lse: bool = False, attn_mask: torch.Tensor | None = None,
                        window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                       alibi_slopes: torch.Tensor | None = None):
+                       alibi_slopes: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 on (batch, seq_len, heads, head_dim) tensors ("BSHD", flash-attn's
     layout): q (B, Sq, H, D), k/v (B, Sk, Hkv, D); returns (B, Sq, H, D) and, with
     ``return_lse``, lse (B, H, Sq). Every option means what it means in ``flash_attention``
@@ -524,7 +526,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            softmax_scale: float | None = None,
                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: torch.Tensor | None = None, return_lse: bool = False):
+                           alibi_slopes: torch.Tensor | None = None, return_lse: bool = False
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences of different lengths, flash-attn's
     ``flash_attn_varlen_func`` semantics (options keyword-only, no dropout).
 
