@@ -165,11 +165,12 @@ class HopperConfig(NamedTuple):
         return min(240, share), maxnreg
 
 
-# Its configuration by head_dim, and the head_dims it runs (benchmarks/RESULTS.md,
-# "Fourteenth session"): at 64 the two-warpgroup schedule was slower than V2 (softmax-bound;
-# three warpgroups with 64-key blocks compile without spills and are what
-# benchmarks/tune_hopper.py measures next). head_dim 256 takes 64-key blocks: two stages of
-# K and V then fit beside Q in shared memory (192 KiB).
+# Its configuration by head_dim, and the head_dims it runs (benchmarks/RESULTS.md and
+# NOTES.md, "Fourteenth session" and "Fifteenth session"): at 64 the schedule stayed slower
+# than V2 with two or three consumer warpgroups (softmax-bound; three spill with 128-key
+# blocks, and 64-key blocks halve the work per hand-over), and three were no faster at 128;
+# benchmarks/tune_hopper.py sweeps them again for another GPU or triton. head_dim 256 takes
+# 64-key blocks: two stages of K and V then fit beside Q in shared memory (192 KiB).
 HOPPER_CONFIGS = {128: HopperConfig(128, 2), 256: HopperConfig(64, 2)}
 
 
