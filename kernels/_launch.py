@@ -208,6 +208,43 @@ def row_view(t: torch.Tensor) -> RowView | None:
     return view if view.rows < 2**31 else None
 
 
+class KeyView(NamedTuple):
+    """A (B, H, S, D) view as a 3-D (n, S, cols) tensor with strides (n_stride, stride, 1)
+    (what the Hopper kernel's K/V descriptors read; the S dimension ends at the view's last
+    key, so TMA reads zeros past it): element (b, h, s, d) is at
+    [b * per_batch + h * per_head, s, h * head_col + d]."""
+
+    per_batch: int
+    per_head: int
+    head_col: int
+    n: int
+    n_stride: int
+    stride: int
+    cols: int
+
+
+def key_view(t: torch.Tensor) -> KeyView | None:
+    """``t`` as a ``KeyView``, or None: a ``row_view`` whose heads sit side by side in a row
+    (one n per batch), or follow each other in rows with batches at a uniform distance (one
+    n per batch and head: BHSD memory, a KV cache sliced along S)."""
+    view = row_view(t)
+    if view is None:
+        return None
+    B, H, S, _ = t.shape
+    if view.head_col or view.per_head == 0:
+        per_batch, per_head, n, n_rows = 1, 0, B, view.per_batch
+    elif B == 1 or view.per_batch == H * view.per_head:
+        per_batch, per_head, n, n_rows = H, 1, B * H, view.per_head
+    else:
+        return None
+    if n_rows == 0:  # batches at one address (an expanded view)
+        if n > 1:
+            return None
+        n_rows = S  # any positive stride serves a single n
+    return KeyView(per_batch, per_head, view.head_col, n, n_rows * view.stride, view.stride,
+                   view.cols)
+
+
 def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               args: ScoreArgs) -> bool:
     """Whether a dense call runs the warp-specialised Hopper kernel: CUDA tensors, a triton
@@ -222,11 +259,9 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, args: ScoreArgs) -> bool:
     """The Hopper kernel's rule, given the device's capability (a pure function of the call,
     tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or
-    ALiBi, causal only with Sq <= Sk (every row then sees a key), Sk a non-zero multiple of
-    the key block (the descriptors would read past a head's last key: other heads' rows, or
-    unwritten cache slots whose NaNs would survive the P.V product; no key at all would
-    leave the consumers waiting for a first block), q, k, v each a ``row_view`` with K and V
-    read through one, and large calls only: descriptors cost host time, as V2's
+    ALiBi, causal only with Sq <= Sk (every row then sees a key), at least one key (the
+    consumers would wait for a first block forever), q a ``row_view`` and k, v one
+    ``key_view``, and large calls only: descriptors cost host time, as V2's
     (``_TMA_MIN_SCORES``)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -237,28 +272,28 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
         return False
-    if (args.causal and Sq > Sk) or Sk == 0 or Sk % HOPPER_CONFIGS[D].block_n:
+    if (args.causal and Sq > Sk) or Sk == 0:
         return False
-    q_view, k_view = row_view(q), row_view(k)
-    return q_view is not None and k_view is not None and k_view == row_view(v)
+    k_view = key_view(k)
+    return row_view(q) is not None and k_view is not None and k_view == key_view(v)
 
 
 @functools.cache
-def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
-    """Gluon's shared-memory layout of a [rows, head_dim] tile (cached: building it costs
+def _tile_layout(block: tuple[int, ...], dtype: torch.dtype):
+    """Gluon's shared-memory layout of a tile of shape ``block`` (cached: building it costs
     about 6 us of host time, four times per call)."""
     from triton.experimental.gluon import language as gl
 
     element = gl.float16 if dtype == torch.float16 else gl.bfloat16
-    return gl.NVMMASharedLayout.get_default_for([rows, head_dim], element)
+    return gl.NVMMASharedLayout.get_default_for(list(block), element)
 
 
 def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor | None, args: ScoreArgs, *,
                    config: HopperConfig | None = None) -> None:
-    """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted (with another
-    ``config``, Sk must be a multiple of its block_n); shapes as in ``forward_v2``. One
-    program per 64 * consumers query rows and head, one per multiprocessor."""
+    """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted; shapes as in
+    ``forward_v2``. One program per 64 * consumers query rows and head, one per
+    multiprocessor."""
     device = q.device
     kernel = _runtime.kernel_module("hopper", device).attention_fwd_hopper
     B, H, Sq, D = q.shape
@@ -266,16 +301,22 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     cfg = config or HOPPER_CONFIGS[D]
     consumer_regs, maxnreg = cfg.registers()
 
-    def descriptor(t: torch.Tensor, view: RowView, rows: int):
-        return _runtime.GluonDescriptor(t, [view.rows, view.cols], [view.stride, 1], [rows, D],
-                                        _tile_layout(rows, D, t.dtype))
+    def rows_descriptor(t: torch.Tensor, view: RowView):
+        return _runtime.GluonDescriptor(t, [view.rows, view.cols], [view.stride, 1], [64, D],
+                                        _tile_layout((64, D), t.dtype))
 
-    qv, kv, ov = row_view(q), row_view(k), row_view(out)
+    def keys_descriptor(t: torch.Tensor, view: KeyView):
+        block = (1, cfg.block_n, D)
+        return _runtime.GluonDescriptor(t, [view.n, Sk, view.cols],
+                                        [view.n_stride, view.stride, 1], list(block),
+                                        _tile_layout(block, t.dtype))
+
+    qv, kv, ov = row_view(q), key_view(k), row_view(out)
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     _runtime.launch(
         kernel, (_cdiv(Sq, 64 * cfg.consumers), B * H), device,
-        (descriptor(q, qv, 64), descriptor(k, kv, cfg.block_n),
-         descriptor(v, kv, cfg.block_n), descriptor(out, ov, 64), out, lse_arg,
+        (rows_descriptor(q, qv), keys_descriptor(k, kv), keys_descriptor(v, kv),
+         rows_descriptor(out, ov), out, lse_arg,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
          ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
          *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),

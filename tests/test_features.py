@@ -998,6 +998,7 @@ def test_gpu_v2_tiles(head_dim, dtype, causal, sms, tile, seqlen, tma, gpu_devic
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: sms)
     monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0 if tma else 1 << 62)
+    monkeypatch.setattr(_launch, "HOPPER_CONFIGS", {})  # V2 at every head_dim, on sm_90 too
     tiles = _record_tiles(monkeypatch)
     q, k, v = make_qkv(2, 2, seqlen, seqlen + 11, head_dim, dtype=dtype, device=gpu_device)
     _gpu_check("v2", q, k, v, causal=causal)
@@ -1011,9 +1012,10 @@ def test_gpu_short_causal_tile_with_every_feature(api, dtype, gpu_device, monkey
     """The short-sequence causal tile (128x64, 8 warps, 2 stages, 128 registers) with GQA,
     windows, softcap, ALiBi, float and key-padding masks at head_dim 80, 96 and 128 (the
     multiprocessor count patched to 1, so that no grid counts as small)."""
-    from kernels import configs
+    from kernels import _launch, configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(_launch, "HOPPER_CONFIGS", {})  # V2 at every head_dim, on sm_90 too
     tiles = _record_tiles(monkeypatch)
     b, h, dev = 2, 4, gpu_device
     for d, sq, sk in ((128, 700, 1000), (96, 257, 1023), (80, 1000, 1000)):

@@ -1,6 +1,6 @@
-"""The warp-specialised Hopper kernel (kernels/_triton/hopper.py): its 2-D views of the
-inputs (CPU), and on an sm_90 GPU its results, the calls it takes and the ones it leaves to
-V2."""
+"""The warp-specialised Hopper kernel (kernels/_triton/hopper.py): its 2-D and 3-D views of
+the inputs (CPU), and on an sm_90 GPU its results, the calls it takes and the ones it leaves
+to V2."""
 
 from __future__ import annotations
 
@@ -44,6 +44,53 @@ def test_row_view_reads_every_element(kind):
     assert torch.equal(_through_view(t, view), t)
 
 
+def _through_key_view(t: torch.Tensor, view: _launch.KeyView) -> torch.Tensor:
+    """Rebuild ``t`` (B, H, S, D) by reading its storage as the 3-D ``view`` says."""
+    B, H, S, D = t.shape
+    keys = torch.as_strided(t, (view.n, S, view.cols), (view.n_stride, view.stride, 1),
+                            t.storage_offset())
+    out = torch.empty_like(t)
+    for b in range(B):
+        for h in range(H):
+            col = h * view.head_col
+            out[b, h] = keys[b * view.per_batch + h * view.per_head, :, col:col + D]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bhsd", "bshd", "packed_kv", "one_head", "cache_slice",
+                                  "one_batch_of_a_wider_cache"])
+def test_key_view_reads_every_element(kind):
+    """K/V as the kernel's 3-D descriptors read them: the S dimension is the view's own (a
+    cache sliced along S ends at the slice, not at the cache's end)."""
+    B, H, S, D = 2, 3, 5, 16
+    if kind == "bhsd":
+        t = torch.randn(B, H, S, D)
+    elif kind == "bshd":
+        t = torch.randn(B, S, H, D).transpose(1, 2)
+    elif kind == "packed_kv":  # the modules' projections, (B, S, 2, H, D)
+        t = torch.randn(B, S, 2, H, D)[:, :, 1].transpose(1, 2)
+    elif kind == "one_head":
+        t = torch.randn(B, S, 1, D).transpose(1, 2)
+    elif kind == "cache_slice":  # a static cache of 9 slots, 5 written
+        t = torch.randn(B, H, 9, D)[:, :, :S]
+    else:  # heads 1..3 of a 5-head cache, one batch: heads at a uniform distance
+        t = torch.randn(1, 5, S, D)[:, 1:4]
+    view = _launch.key_view(t)
+    assert view is not None
+    assert torch.equal(_through_key_view(t, view), t)
+
+
+@pytest.mark.parametrize("kind", ["heads_of_a_wider_cache", "expanded_batch"])
+def test_key_view_refuses_heads_without_one_distance(kind):
+    """Rows-mode heads whose batches are not H heads apart, and batches at one address, have
+    no 3-D form of one n per (b, h)."""
+    if kind == "heads_of_a_wider_cache":
+        t = torch.randn(2, 5, 8, 16)[:, 1:4]
+    else:
+        t = torch.randn(1, 8, 3, 16).transpose(1, 2).expand(2, 3, 8, 16)
+    assert _launch.row_view(t) is not None and _launch.key_view(t) is None
+
+
 @pytest.mark.parametrize("kind", ["d_strided", "row_misaligned", "heads_interleaved"])
 def test_row_view_refuses_what_tma_cannot_read(kind):
     if kind == "d_strided":
@@ -68,7 +115,7 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout):
     monkeypatch.setattr(_runtime, "kernel_module",
                         lambda name, device: SimpleNamespace(attention_fwd_hopper=name))
     monkeypatch.setattr(_runtime, "launch", lambda *call: launches.append(call))
-    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 200, 256, 128
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 200, 250, 128
     if layout != "bshd":  # the Hugging Face patcher's call: BHSD in, BSHD out
         q, out = torch.randn(B, H, Sq, D, dtype=F16), torch.empty(B, H, Sq, D, dtype=F16)
         k, v = (torch.randn(B, Hkv, Sk, D, dtype=F16) for _ in range(2))
@@ -82,7 +129,7 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout):
     lse = torch.empty(B, H, Sq)
     _launch.forward_hopper(q, k, v, out, lse, _args(True))
     (kernel, grid, device, call_args, constexprs, warps, stages, maxnreg), = launches
-    (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_rb, kv_rh, kv_ch,
+    (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_nb, kv_nh, kv_ch,
      o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, heads, group, seqlen_q,
      seqlen_k, _) = call_args
     assert kernel == "hopper" and grid == (2, B * H) and (warps, maxnreg) == (4, 168)
@@ -90,19 +137,25 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout):
     assert (heads, group, seqlen_q, seqlen_k) == (H, H // Hkv, Sq, Sk)
     assert out_ptr is out and lse_ptr is lse
     assert (out_sb, out_sh, out_sm) == out.stride()[:3] and (lse_sb, lse_sh) == lse.stride()[:2]
-    assert q_desc.block_shape == [64, D] and k_desc.block_shape == [128, D]
+    assert q_desc.block_shape == [64, D] and k_desc.block_shape == [1, 128, D]
+    assert k_desc.shape[1] == v_desc.shape[1] == Sk  # TMA reads zeros past the last key
 
     def rows(desc, row, col, n):
         matrix = torch.as_strided(desc.base, desc.shape, desc.strides,
                                   desc.base.storage_offset())
         return matrix[row:row + n, col:col + D]
 
+    def keys(desc, n, col):
+        tensor = torch.as_strided(desc.base, desc.shape, desc.strides,
+                                  desc.base.storage_offset())
+        return tensor[n, :, col:col + D]
+
     for b in range(B):
         for h in range(H):
             hk = h // (H // Hkv)
             assert torch.equal(rows(q_desc, b * q_rb + h * q_rh, h * q_ch, Sq), q[b, h])
-            assert torch.equal(rows(k_desc, b * kv_rb + hk * kv_rh, hk * kv_ch, Sk), k[b, hk])
-            assert torch.equal(rows(v_desc, b * kv_rb + hk * kv_rh, hk * kv_ch, Sk), v[b, hk])
+            assert torch.equal(keys(k_desc, b * kv_nb + hk * kv_nh, hk * kv_ch), k[b, hk])
+            assert torch.equal(keys(v_desc, b * kv_nb + hk * kv_nh, hk * kv_ch), v[b, hk])
             out[b, h] = torch.randn(Sq, D, dtype=F16)  # fresh values at this head only
             assert torch.equal(rows(o_desc, b * o_rb + h * o_rh, h * o_ch, Sq), out[b, h])
 
@@ -132,14 +185,16 @@ def _rule_cases():
     q, kv = _bhsd(1, 16, 4096), _bhsd(1, 16, 4096)
     gqa_q, gqa_kv = _bhsd(1, 32, 2048), _bhsd(1, 8, 4096)
     bshd = torch.empty(1, 4096, 16, 128, dtype=F16).transpose(1, 2)
-    kv2 = _bhsd(2, 16, 4096)
+    kv2, wide = _bhsd(2, 16, 4096), _bhsd(2, 16, 4096)
     yes = {
         "plain": ((9, 0), q, kv, kv, _args()),
         "bf16 causal": ((9, 0), q.bfloat16(), kv.bfloat16(), kv.bfloat16(), _args(True)),
         "gqa causal Sq<Sk": ((9, 0), gqa_q, gqa_kv, gqa_kv, _args(True)),
         "bshd views": ((9, 0), bshd, bshd, bshd, _args()),
-        "head_dim 256, Sk 4032": ((9, 0), _bhsd(2, 16, 4096, 256), _bhsd(2, 16, 4032, 256),
-                                  _bhsd(2, 16, 4032, 256), _args()),
+        "head_dim 256, Sk 4000": ((9, 0), _bhsd(2, 16, 4096, 256), _bhsd(2, 16, 4000, 256),
+                                  _bhsd(2, 16, 4000, 256), _args()),
+        "cache slice, Sk 4000": ((9, 0), _bhsd(2, 16, 4096), kv2[:, :, :4000],
+                                 kv2[:, :, :4000], _args()),
     }
     no = {
         "sm80": ((8, 0), q, kv, kv, _args()),
@@ -155,9 +210,8 @@ def _rule_cases():
                          _args(True)),
         "head_dim 96": ((9, 0), _bhsd(1, 16, 4096, 96), _bhsd(1, 16, 4096, 96),
                         _bhsd(1, 16, 4096, 96), _args()),
-        "head_dim 256, Sk 4000": ((9, 0), _bhsd(2, 16, 4096, 256), _bhsd(2, 16, 4000, 256),
-                                  _bhsd(2, 16, 4000, 256), _args()),
-        "Sk 4000": ((9, 0), _bhsd(2, 16, 4096), kv2[:, :, :4000], kv2[:, :, :4000], _args()),
+        "kv heads of a wider cache": ((9, 0), _bhsd(2, 8, 4096), wide[:, 4:12], wide[:, 4:12],
+                                      _args()),
         "small call": ((9, 0), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _bhsd(1, 1, 256), _args()),
         "k and v laid out apart": ((9, 0), q, kv, bshd, _args()),
         "strided head_dim": ((9, 0), q, kv, torch.empty(1, 16, 4096, 256, dtype=F16)[..., ::2],
@@ -204,6 +258,13 @@ CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout
     (2, 4, 1, 333, 640, True, "bshd"),
     (1, 2, 2, 17, 128, False, "bhsd"),
     (1, 2, 2, 64, 128, False, "bshd"),
+    # keys that end inside a block: TMA's zeros past Sk, masked (not causal) or past every
+    # row's diagonal (causal)
+    (2, 4, 4, 256, 200, False, "bhsd"),
+    (1, 8, 2, 1000, 1037, True, "bhsd"),
+    (2, 3, 3, 129, 383, False, "bshd"),
+    (2, 2, 2, 300, 300, True, "bhsd"),
+    (1, 2, 2, 1, 77, False, "bshd"),
 ]
 
 
@@ -248,19 +309,19 @@ def test_gpu_hopper_kernel_writes_every_row(gpu_device):
 @pytest.mark.gpu
 @needs_hopper
 def test_gpu_hopper_kernel_leaves_the_rest_to_v2(monkeypatch, gpu_device):
-    """Keys that do not fill the last block (the descriptors would read a cache's unwritten
-    slots: NaN here), head_dim 64, a mask, Sq > Sk causal: V2. A cache slice that ends on a
-    block edge takes the Hopper kernel, and its NaN slots past the slice stay unread."""
+    """A KV cache sliced along S takes the Hopper kernel whether or not the slice ends on a
+    block edge, and its unwritten slots (NaN here) stay unread; head_dim 64, a mask, Sq > Sk
+    causal: V2."""
     taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
-    cache = torch.full((1, 4, 512, 128), float("nan"), device=gpu_device, dtype=F16)
-    q = torch.randn(1, 4, 64, 128, device=gpu_device, dtype=F16)
-    for Sk, expected in ((200, "forward_v2"), (256, "forward_hopper")):
-        keys = torch.randn(1, 4, Sk, 128, device=gpu_device, dtype=F16)
+    cache = torch.full((2, 4, 512, 128), float("nan"), device=gpu_device, dtype=F16)
+    q = torch.randn(2, 4, 64, 128, device=gpu_device, dtype=F16)
+    for Sk in (200, 256, 1):
+        keys = torch.randn(2, 4, Sk, 128, device=gpu_device, dtype=F16)
         cache[:, :, :Sk] = keys
         k, v = cache[:, :, :Sk], cache[:, :, :Sk]
         taken.clear()
         out = flash_attention(q, k, v, variant="auto")
-        assert taken == [expected]
+        assert taken == ["forward_hopper"]
         assert not out.isnan().any()
         assert_matches(out, reference_attention(q, k, v)[0], 2e-3)
         cache[:, :, :Sk] = float("nan")

@@ -7,7 +7,9 @@ barriers around its loads, so the two warpgroups of a program do their softmax a
 time and leave the tensor cores idle together (benchmarks/NOTES.md). Here the work is split
 by hand (``gl.warp_specialize``):
 - one loader warp issues the TMA loads of Q (once) and of the K and V blocks into a ring of
-  ``STAGES`` shared-memory slots, each slot guarded by a "ready" and an "empty" mbarrier;
+  ``STAGES`` shared-memory slots, each slot guarded by a "ready" and an "empty" mbarrier
+  (K and V through descriptors that end at Sk: a last partial block reads zeros past it,
+  never another head's keys or a cache's unwritten slots);
 - ``NC`` consumer warpgroups (2 or 3) each own 64 query rows of the program's 64*NC-row
   tile. They take turns issuing their matrix products, in a ring (the ``turn`` mbarriers:
   ping-pong for two), so one warpgroup's softmax runs under the others' products; and
@@ -36,12 +38,18 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
+def _as_block(buf, desc):
+    """A [BN, D] ring slot seen as the [1, BN, D] block of a K/V descriptor."""
+    return buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+
+
+@gluon.jit
 def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
     """Loader partition: Q of every consumer once, then K and V block by block."""
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
-    b, h, m0, q_row, q_col, kv_row, kv_col, o_row, o_col = coords
-    BN: gl.constexpr = k_desc.block_type.shape[0]
+    b, h, m0, q_row, q_col, kv_n, kv_col, o_row, o_col = coords
+    BN: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     NC: gl.constexpr = q_bufs.type.shape[0]
     mbarrier.expect(q_bar, NC * q_desc.block_type.nbytes)
@@ -54,32 +62,35 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
         # a fresh mbarrier counts as having completed phase 1: the first pass does not wait
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BN, kv_col], k_ready.index(slot),
-                                        k_bufs.index(slot))
+        tma.async_copy_global_to_shared(k_desc, [kv_n, j * BN, kv_col], k_ready.index(slot),
+                                        _as_block(k_bufs.index(slot), k_desc))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BN, kv_col], v_ready.index(slot),
-                                        v_bufs.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [kv_n, j * BN, kv_col], v_ready.index(slot),
+                                        _as_block(v_bufs.index(slot), v_desc))
 
 
 @gluon.jit
-def _scores(s, qk_scale, j, row0, diag, MASKED: gl.constexpr):
-    """Block j's scores in log2 units; on a MASKED block (one that crosses a causal
-    diagonal) the keys after each row's diagonal are -inf. Sk is a multiple of the key block
-    (``hopper_covers``), so no block reaches past the last key."""
+def _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL: gl.constexpr, MASKED: gl.constexpr):
+    """Block j's scores in log2 units; on a MASKED block the keys after each row's causal
+    diagonal, or (not causal) past Sk, are -inf. Keys past Sk read as zeros (TMA's fill);
+    causal, no row below Sq reaches them."""
     s = s * qk_scale
     if MASKED:
         BM: gl.constexpr = s.type.shape[0]
         BN: gl.constexpr = s.type.shape[1]
         cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s.type.layout))
-        s = gl.where(cols[None, :] <= (rows + diag)[:, None], s, float("-inf"))
+        if CAUSAL:
+            rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s.type.layout))
+            s = gl.where(cols[None, :] <= (rows + diag)[:, None], s, float("-inf"))
+        else:
+            s = s + gl.where(cols < seqlen_k, 0.0, float("-inf"))[None, :]
     return s
 
 
 @gluon.jit
-def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, diag,
-          MASKED: gl.constexpr):
+def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, diag, seqlen_k,
+          CAUSAL: gl.constexpr, MASKED: gl.constexpr):
     """One key block j >= 1 of consumer ``c``: issue S_j = Q K_j^T, then P_{j-1} V_{j-1} into
     the accumulator, hand the tensor cores to the next warpgroup, and run S_j's softmax while
     P_{j-1} V_{j-1} completes."""
@@ -103,7 +114,7 @@ def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, dia
     mbarrier.arrive(turn.index((c + 1) % NC), count=1)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the scores; P.V still runs
     mbarrier.arrive(k_empty.index(slot), count=1)
-    s = _scores(s, qk_scale, j, row0, diag, MASKED)
+    s = _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL, MASKED)
     m_new = gl.maximum(m_i, gl.max(s, 1))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - m_new[:, None])
@@ -120,11 +131,11 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     """Consumer warpgroup ``c``: rows [m0 + 64c, m0 + 64c + 64) of the tile."""
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
-    b, h, m0, q_row, q_col, kv_row, kv_col, o_row, o_col = coords
+    b, h, m0, q_row, q_col, kv_n, kv_col, o_row, o_col = coords
     out_ptr, out_desc = out
     qk_scale, seqlen_q, seqlen_k, out_sb, out_sh, out_sm, lse_sb, lse_sh = scalars
-    BN: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     NC: gl.constexpr = q_bufs.type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -138,11 +149,12 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
 
     row0 = m0 + c * ROWS
     diag = seqlen_k - seqlen_q
-    # blocks [0, n_full) need no mask for these rows; when causal, blocks [n_full, n_blocks)
-    # cross their diagonal
-    n_full = n_blocks
+    # blocks [0, n_full) need no mask for these rows; blocks [n_full, n_blocks) cross their
+    # causal diagonal or the end of the keys
+    n_full = seqlen_k // BN
     if CAUSAL:
-        n_full = gl.minimum(n_blocks, (row0 + diag + 1) // BN)
+        n_full = gl.minimum(n_full, (row0 + diag + 1) // BN)
+    n_full = gl.minimum(n_full, n_blocks)
     q = q_bufs.index(c)
     zeros = gl.zeros([ROWS, BN], gl.float32, layout=s_layout)
     acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
@@ -157,9 +169,9 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
     if n_full > 0:
-        s = _scores(s, qk_scale, 0, row0, diag, False)
-    else:  # causal rows whose diagonal falls in block 0
-        s = _scores(s, qk_scale, 0, row0, diag, True)
+        s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, False)
+    else:
+        s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, True)
     m_i = gl.max(s, 1)
     p = gl.exp2(s - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -168,11 +180,10 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     n_split = gl.maximum(n_full, 1)
     for j in range(1, n_split):
         p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
-                                 False)
-    if CAUSAL:
-        for j in range(n_split, n_blocks):
-            p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0,
-                                     diag, True)
+                                 seqlen_k, CAUSAL, False)
+    for j in range(n_split, n_blocks):
+        p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
+                                 seqlen_k, CAUSAL, True)
 
     last = (n_blocks - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
@@ -235,23 +246,25 @@ def _loader(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out, 
 
 @gluon.jit
 def attention_fwd_hopper(
-    q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_rb, kv_rh,
+    q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_nb, kv_nh,
     kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, H, GROUP, seqlen_q,
     seqlen_k, qk_scale,
     NC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
-    """Q, K, V are read through 2-D tensor descriptors over their memory (blocks [64, D] for
-    Q, [BLOCK_N, D] for K and V): query row s of head (b, h) is descriptor row
-    b * q_rb + h * q_rh + s at column h * q_ch (K and V: b * kv_rb + hk * kv_rh, hk * kv_ch,
-    hk = h // GROUP; K and V share one layout). out (B, H, Sq, D): whole 64-row tiles through
-    ``out_desc`` (blocks [64, D], rows b * o_rb + h * o_rh + s, column h * o_ch), the last
-    partial tile through ``out_ptr`` with strides (out_sb, out_sh, out_sm, 1). lse (B, H, Sq)
-    float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE. Grid: (query tiles of 64 * NC
-    rows, B * H); kernel num_warps 4 (warpgroup 0); the workers get CONSUMER_REGS registers
-    per thread (the loader 24), warpgroup 0 what the kernel's maxnreg leaves."""
-    BN: gl.constexpr = k_desc.block_type.shape[0]
-    D: gl.constexpr = k_desc.block_type.shape[1]
+    """Q is read through a 2-D tensor descriptor over its memory (blocks [64, D]): query row
+    s of head (b, h) is descriptor row b * q_rb + h * q_rh + s at column h * q_ch. K and V
+    through 3-D descriptors (blocks [1, BLOCK_N, D], one layout for both) whose second
+    dimension ends at Sk, so that TMA reads zeros past the last key: key s of K/V head hk =
+    h // GROUP is at [b * kv_nb + hk * kv_nh, s, hk * kv_ch]. out (B, H, Sq, D): whole
+    64-row tiles through ``out_desc`` (blocks [64, D], rows b * o_rb + h * o_rh + s, column
+    h * o_ch), the last partial tile through ``out_ptr`` with strides (out_sb, out_sh,
+    out_sm, 1). lse (B, H, Sq) float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE.
+    Grid: (query tiles of 64 * NC rows, B * H); kernel num_warps 4 (warpgroup 0); the
+    workers get CONSUMER_REGS registers per thread (the loader 24), warpgroup 0 what the
+    kernel's maxnreg leaves."""
+    BN: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = k_desc.block_type.shape[2]
     dtype: gl.constexpr = q_desc.dtype
     n_tiles = gl.num_programs(0)
     tile = gl.program_id(0)
@@ -267,8 +280,9 @@ def attention_fwd_hopper(
         n_blocks = gl.minimum(n_blocks, gl.cdiv(last_row + seqlen_k - seqlen_q + 1, BN))
 
     q_bufs = gl.allocate_shared_memory(dtype, [NC, ROWS, D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -285,7 +299,7 @@ def attention_fwd_hopper(
         mbarrier.init(turn.index(i), count=1)
 
     hk = h // GROUP
-    coords = (b, h, m0, b * q_rb + h * q_rh, h * q_ch, b * kv_rb + hk * kv_rh, hk * kv_ch,
+    coords = (b, h, m0, b * q_rb + h * q_rh, h * q_ch, b * kv_nb + hk * kv_nh, hk * kv_ch,
               b * o_rb + h * o_rh, h * o_ch)
     scalars = (qk_scale, seqlen_q, seqlen_k, out_sb, out_sh, out_sm, lse_sb, lse_sh)
     args = (q_desc, k_desc, v_desc, (q_bufs, k_bufs, v_bufs),
