@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, in one device call, on one GPU or split over two (lane 0:
-# the GPU tests, then bench_hf's Llama half; lane 1: bench_attention in both dtypes,
-# bench_features, bench_encoder, bench_backward, bench_hf's GPT-2 half; then, with two GPUs,
-# the tests that need both). Writes to $OUT (default
+# the GPU tests of every file that has them, then bench_hf's Llama half; lane 1:
+# bench_attention in both dtypes, bench_features, bench_encoder, bench_backward, bench_hf's
+# GPT-2 half; then, with two GPUs, the tests that need both). Writes to $OUT (default
 # /tmp/gpu_all): tests.log, lane0.log, lane1.log, RESULTS_lane0.md, RESULTS_lane1.md and the
 # two attention JSON files.
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh
@@ -19,7 +19,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 gpus=$(nvidia-smi -L | wc -l)
 
 lane0() {
-    for f in features compile mha attention_modules hf plans; do
+    for f in features compile mha attention_modules hf plans hopper; do
         timeout -s INT "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider \
             "tests/test_$f.py" > "$logs/gpu_$f.log" 2>&1 &
     done
