@@ -285,8 +285,8 @@ def test_gpu_hopper_kernel_matches_reference(monkeypatch, gpu_device, case, dtyp
     else:
         out, lse = flash_attention_v2(q, k, v, causal=causal, return_lse=True)
     ref, ref_lse = reference_attention(q, k, v, layout=layout, causal=causal)
-    # up to FAMILY_MAX_Q query rows, a first call also probes its growing-cache family
-    # (kernels._plan): a second launch
+    # up to FAMILY_MAX_Q query rows, a first call also records a dry probe of its
+    # growing-cache family (kernels._plan): the launcher runs twice, the kernel once
     assert taken == ["forward_hopper"] * (2 if Sq <= _plan.FAMILY_MAX_Q else 1)
     assert_matches(out, ref, 2e-3 if dtype == F16 else 1e-2)
     assert_lse_matches(lse, ref_lse)
