@@ -124,6 +124,11 @@ def _block_d(head_dim: int) -> int:
 # than they save on small calls, which are host-bound. Below either bound, pointers.
 _TMA_MIN_ROWS = 256
 _TMA_MIN_SCORES = 1 << 28  # batch * heads * query rows * keys (B1 H16 S4k: 2^28)
+# The Hopper kernel's four descriptors cost more host time than V2's launch (host-bound H200
+# calls, 2026-12-01: 110-200 us against 70-120 us), and its gain grows with head_dim (1.3-1.4x
+# V2 at 2^27 scores of head_dim 128, 1.4-2.0x at 2^26 of 256): it pays from about 2^34 of
+# batch * heads * query rows * keys * head_dim.
+_HOPPER_MIN_WORK = 1 << 34
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -261,13 +266,13 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or
     ALiBi, causal only with Sq <= Sk (every row then sees a key), at least one key (the
     consumers would wait for a first block forever), q a ``row_view`` and k, v one
-    ``key_view``, and large calls only: descriptors cost host time, as V2's
-    (``_TMA_MIN_SCORES``)."""
+    ``key_view``, and calls of at least ``_HOPPER_MIN_WORK`` (B * H * Sq * Sk * D):
+    descriptors cost host time."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if D not in HOPPER_CONFIGS or B * H * Sq * Sk < _TMA_MIN_SCORES:
+    if D not in HOPPER_CONFIGS or B * H * Sq * Sk * D < _HOPPER_MIN_WORK:
         return False
     if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
             or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):

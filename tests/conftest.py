@@ -50,14 +50,16 @@ def _fresh_launch_plans(monkeypatch):
 @pytest.fixture(autouse=True)
 def _descriptors_at_test_sizes(request, monkeypatch):
     """GPU tests run small shapes, below the size from which the V2 kernel takes tensor
-    descriptors (TMA) in production (``kernels._launch._TMA_MIN_SCORES``). They lower that
-    bound to 0, so both load paths stay covered as before: descriptors from 256 query rows
-    (with aligned strides), pointers below and for odd views. ``test_gpu_tma_size_rule``
-    checks the real bound."""
+    descriptors (TMA) in production (``kernels._launch._TMA_MIN_SCORES``), and the Hopper
+    kernel (``_HOPPER_MIN_WORK``). They lower both bounds to 0, so every load path stays
+    covered: descriptors from 256 query rows (with aligned strides), pointers below and for
+    odd views. ``test_gpu_tma_size_rule`` and ``test_hopper_size_bound`` check the real
+    bounds."""
     if "gpu" in request.node.keywords:
         from kernels import _launch
 
         monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0)
+        monkeypatch.setattr(_launch, "_HOPPER_MIN_WORK", 0)
 
 
 @pytest.fixture

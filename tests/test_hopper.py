@@ -231,10 +231,21 @@ def test_hopper_rule(name, case, expected):
 def test_hopper_rule_needs_keys(monkeypatch):
     """With the size bound out of the way (the GPU tests lower it), an empty K/V is still
     refused: the consumers would wait for a first key block forever."""
-    monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0)
+    monkeypatch.setattr(_launch, "_HOPPER_MIN_WORK", 0)
     q, kv = _bhsd(1, 2, 128), _bhsd(1, 2, 128)
     assert _launch.hopper_covers((9, 0), q, kv, kv, _args())
     assert not _launch.hopper_covers((9, 0), q, kv[:, :, :0], kv[:, :, :0], _args())
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_hopper_size_bound(head_dim):
+    """The kernel takes calls from ``_HOPPER_MIN_WORK`` (B*H*Sq*Sk*D) on; smaller ones are
+    host-bound and run V2, whose launch costs less host time than four descriptors."""
+    sk = _launch._HOPPER_MIN_WORK // (16 * 1024 * head_dim)
+    q = _bhsd(1, 16, 1024, head_dim)
+    kv, small = _bhsd(1, 16, sk, head_dim), _bhsd(1, 16, sk - 1, head_dim)
+    assert _launch.hopper_covers((9, 0), q, kv, kv, _args())
+    assert not _launch.hopper_covers((9, 0), q, small, small, _args())
 
 
 def test_hopper_kernel_only_on_cuda():
