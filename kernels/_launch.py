@@ -126,7 +126,7 @@ _TMA_MIN_ROWS = 256
 _TMA_MIN_SCORES = 1 << 28  # batch * heads * query rows * keys (B1 H16 S4k: 2^28)
 # The Hopper kernel's four descriptors cost more host time than V2's launch (host-bound H200
 # calls, 2026-12-01: 110-200 us against 70-120 us), and its gain grows with head_dim (1.16-1.44x
-# V2 at 2^27 scores of head_dim 128, but for causal S <= 512; 1.38-2.05x at 2^26 of 256): it
+# V2 at 2^27 scores of head_dim 128 outside one slow window, 1.38-2.05x at 2^26 of 256): it
 # pays from about 2^34 of batch * heads * query rows * keys * head_dim
 # (benchmarks/hopper_bound.py; NOTES.md, "Sixteenth session").
 _HOPPER_MIN_WORK = 1 << 34
