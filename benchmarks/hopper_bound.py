@@ -4,33 +4,22 @@ shape through ``flash_attention(..., variant="auto")`` with the kernel's size bo
 calls are host-bound, and the Hopper kernel's four descriptors cost more host time than V2's
 replayed launch; large ones are GPU-bound, where it is faster. Prints, per shape, the
 do_bench median and the time per call back to back (``--calls`` calls, one
-synchronisation), both in microseconds, and V2's time over the Hopper kernel's (above 1: the
-Hopper kernel wins). Used for the bound (benchmarks/NOTES.md, "Sixteenth session").
+synchronisation: ``profile_hf.per_call_us``), both in microseconds, and V2's time over the
+Hopper kernel's (above 1: the Hopper kernel wins). Used for the bound (benchmarks/NOTES.md,
+"Sixteenth session").
 
-    PYTHONPATH=. python benchmarks/hopper_bound.py --head-dims 128 256
+    PYTHONPATH=.:benchmarks python benchmarks/hopper_bound.py --head-dims 128 256
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import triton
+from profile_hf import per_call_us  # run as a script: its folder is on sys.path
 
 from kernels import _launch, flash_attention
-
-
-def per_call_us(fn, calls: int) -> float:
-    """Microseconds per call of ``calls`` back-to-back calls of ``fn`` (after one warm call),
-    from the host's clock around them and one synchronisation."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
