@@ -182,13 +182,31 @@ def _require_transformers(version: str) -> None:
             f"found {version}: pip install 'flashattn-modules[hf]' (or 'transformers>={need}')")
 
 
+def _refuse_kernels_name_clash() -> None:
+    """Hugging Face's ``kernels`` package (a dependency of transformers >= 5.25, an extra of
+    earlier releases) has the import name of this project's ``kernels`` package. Where
+    transformers would import it (installed, in the version range transformers accepts),
+    it would get ours and fail with a stranger error: say so first."""
+    from transformers.utils import import_utils
+
+    if not getattr(import_utils, "is_kernels_available", lambda: False)():
+        return
+    raise ImportError(
+        f"Hugging Face's 'kernels' package ({importlib.metadata.version('kernels')}) is "
+        f"installed; its import name is the same as flashattn-modules' own 'kernels' "
+        f"package, so transformers cannot import it (or ours is hidden). Use transformers "
+        f"< 5.25, which does not require it: pip uninstall -y kernels && pip install "
+        f"'flashattn-modules[hf]'")
+
+
 def register() -> None:
     """Register :func:`triton_fa_attention` and transformers' SDPA mask builder as the
     ``triton_fa`` attention implementation (idempotent; importing ``flashattn_modules`` does
     it when transformers >= 5.4 is installed).
 
     Raises:
-        ImportError: transformers is not installed.
+        ImportError: transformers is not installed, or Hugging Face's ``kernels`` package is
+            (its import name clashes with ours).
         RuntimeError: transformers is older than 5.4.
     """
     try:
@@ -198,6 +216,7 @@ def register() -> None:
             f"the {ATTN_IMPLEMENTATION} attention implementation needs transformers: pip "
             f"install 'flashattn-modules[hf]'") from exc
     _require_transformers(transformers.__version__)
+    _refuse_kernels_name_clash()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -398,6 +398,28 @@ def test_old_transformers_is_refused(monkeypatch):
     assert "triton_fa" not in AttentionInterface._global_mapping
 
 
+def test_hugging_face_kernels_package_is_refused(monkeypatch):
+    """Hugging Face's ``kernels`` distribution shares our ``kernels`` import name: register,
+    patch and import say so instead of failing inside transformers."""
+    from transformers.utils import import_utils
+
+    real_version = hf.importlib.metadata.version
+    monkeypatch.setattr(hf.importlib.metadata, "version",
+                        lambda name: "0.19.1" if name == "kernels" else real_version(name))
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda: True)
+    clash = r"Hugging Face's 'kernels' package \(0\.19\.1\) is installed.*transformers < 5\.25"
+    with pytest.raises(ImportError, match=clash):
+        flashattn_modules.register()
+    model = _causal_lm(_llama())
+    with pytest.raises(ImportError, match=clash):
+        patch_hf_model(model)
+    assert model.config._attn_implementation != "triton_fa"
+    monkeypatch.delitem(AttentionInterface._global_mapping, "triton_fa")
+    with pytest.warns(RuntimeWarning, match=r"triton_fa was not registered.*'kernels' package"):
+        hf.register_if_available()
+    assert "triton_fa" not in AttentionInterface._global_mapping
+
+
 # ----------------------------------------------------------------------------- patching
 
 def _tiny_llava(attn_implementation) -> torch.nn.Module:
