@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, as named parts that one device call or several run in order:
 #   tests      the GPU tests of every file that has them, six pytest processes side by side
-#              (test_features split in two halves by node id); tests.log, gpu_*.log
+#              (test_features split in two halves by node id); tests.log: each lane's summary
 #   features   bench_features (decode, masked prefill, GQA, peak memory; issue 3)
 #   encoder    bench_encoder (nn.TransformerEncoder before and after the swap; issue 4)
 #   attention  bench_attention --check, one process per dtype (issues 2 and 7);
@@ -25,7 +25,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 gpus=$(nvidia-smi -L | wc -l)
 
 part_tests() {
-    local logs=$work pids=() lane
+    local logs=$work pids=() lane pid rc=0
     python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/test_features.py \
         | grep '::' > "$logs/features_ids"
     local half=$(( ($(wc -l < "$logs/features_ids") + 1) / 2 ))
@@ -44,9 +44,9 @@ part_tests() {
             > "$logs/${lane// /_}.log" 2>&1 &
         pids+=($!)
     done
-    wait "${pids[@]}"
-    for f in "$logs"/*.log; do echo "== ${f##*/}"; tail -15 "$f"; done > "$out/tests.log"
-    grep -h "passed\|failed\|error" "$out/tests.log"
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    for f in "$logs"/*.log; do echo "== ${f##*/}"; tail -15 "$f"; done
+    return $rc
 }
 
 part_features() { timeout 150 python3 benchmarks/bench_features.py --out "$out/RESULTS.md"; }
@@ -67,12 +67,11 @@ part_attention() {
 parts=${PARTS:-tests features encoder attention hf backward}
 timed=${parts//tests/}
 if [ "$gpus" -ge 2 ] && [ "$timed" != "$parts" ]; then
-    CUDA_VISIBLE_DEVICES=1 part_tests > "$out/tests_lane.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 part_tests > "$out/tests.log" 2>&1 &
     for p in $timed; do CUDA_VISIBLE_DEVICES=0 "part_$p" > "$out/$p.log" 2>&1; done
     wait
     { echo "== two devices"; timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_plans.py -k second_device 2>&1 | tail -3; } >> "$out/tests.log"
-    cat "$out/tests_lane.log"
 else
     for p in $parts; do
         start=$SECONDS
