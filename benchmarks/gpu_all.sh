@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, as named parts that one device call or several run in order:
-#   tests      the GPU tests of every file that has them, six pytest processes side by side
+#   tests      the GPU tests of every file that has them, five pytest processes side by side
 #              (test_features split in two halves by node id); tests.log: each lane's summary
 #   features   bench_features (decode, masked prefill, GQA, peak memory; issue 3)
 #   encoder    bench_encoder (nn.TransformerEncoder before and after the swap; issue 4)
