@@ -84,9 +84,15 @@ def prefill_table() -> list[str]:
     k, v = torch.randn_like(q), torch.randn_like(q)
     keep = torch.ones(B, 1, 1, S, dtype=torch.bool, device="cuda")
     keep[: B // 2, ..., S - S // 4:] = False  # half the batch pads its last 25% of keys
-    fns = {"plain": lambda: flash_attention(q, k, v, causal=True, variant="auto"),
-           "masked": lambda: flash_attention(q, k, v, causal=True, variant="auto",
-                                             attn_mask=keep)}
+    # the same amount of padding off the 128-key block edges, and on the left
+    uneven = torch.ones_like(keep)
+    uneven[: B // 2, ..., S - S // 4 - 37:] = False
+    left = torch.ones_like(keep)
+    left[: B // 2, ..., : S // 4] = False
+    fns = {"plain": lambda: flash_attention(q, k, v, causal=True, variant="auto")}
+    for name, mask in (("masked", keep), ("uneven", uneven), ("left", left)):
+        fns[name] = lambda m=mask: flash_attention(q, k, v, causal=True, variant="auto",
+                                                   attn_mask=m)
     for kv_heads in (32, 8):
         qg = torch.randn(B, 32, S, 64, device="cuda", dtype=torch.float16)
         kg = torch.randn(B, kv_heads, S, 64, device="cuda", dtype=torch.float16)
@@ -97,6 +103,10 @@ def prefill_table() -> list[str]:
     plain, masked = times["plain"], times["masked"]
     lines.append(f"| B8 H16 S4k D128 causal, no mask | {plain:.3f} | 1.00 |")
     lines.append(f"| same, key-padding mask (B,1,1,Sk) | {masked:.3f} | {masked / plain:.2f} |")
+    lines.append(f"| same, padding 37 keys longer (off the block edges) | {times['uneven']:.3f} "
+                 f"| {times['uneven'] / plain:.2f} |")
+    lines.append(f"| same, padding the first 25% of keys (left) | {times['left']:.3f} "
+                 f"| {times['left'] / plain:.2f} |")
     lines.append(f"| B8 H32 S4k D64 causal, Hkv=32 | {times[32]:.3f} | 1.00 |")
     lines.append(f"| same, GQA Hkv=8 | {times[8]:.3f} | {times[8] / times[32]:.2f} |")
     print("\n".join(lines), flush=True)

@@ -41,17 +41,18 @@ class ScoreArgs(NamedTuple):
         else:
             qk_scale, softcap = self.sm_scale * LOG2E, 0.0
         mask = self.attn_mask
-        if mask is None:
-            mask_kind, keys_only = MASK_NONE, True
-        else:
-            mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
-            keys_only = _keys_only(mask)
         values = (qk_scale, softcap, max(self.window_left, 0), max(self.window_right, 0))
         return values, dict(
             BOUNDED_LEFT=self.window_left >= 0, BOUNDED_RIGHT=self.window_right >= 0,
-            MASK_KIND=mask_kind, MASK_KEYS_ONLY=keys_only,
+            MASK_KIND=self.mask_kind(), MASK_KEYS_ONLY=mask is None or _keys_only(mask),
             HAS_SOFTCAP=self.softcap > 0, HAS_ALIBI=self.alibi_slopes is not None,
         )
+
+    def mask_kind(self) -> int:
+        """MASK_NONE, MASK_BOOL or MASK_FLOAT."""
+        if self.attn_mask is None:
+            return MASK_NONE
+        return MASK_BOOL if self.attn_mask.dtype == torch.bool else MASK_FLOAT
 
     def mask_arg(self, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The mask as the kernels read it (bool as uint8) and its strides. A mask with a row
@@ -264,19 +265,21 @@ def hopper_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, args: ScoreArgs) -> bool:
     """The Hopper kernel's rule, given the device's capability (a pure function of the call,
-    tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no mask, window, softcap or
-    ALiBi, causal only with Sq <= Sk (every row then sees a key), at least one key (the
-    consumers would wait for a first block forever), q a ``row_view`` and k, v one
-    ``key_view``, and calls of at least ``_HOPPER_MIN_WORK`` (B * H * Sq * Sk * D):
-    descriptors cost host time."""
+    tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no window, softcap or ALiBi, no
+    mask or one whose every query row is the same key vector (key padding), causal only with
+    Sq <= Sk (every row then sees a key), at least one key (the consumers would wait for a
+    first block forever), q a ``row_view`` and k, v one ``key_view``, and calls of at least
+    ``_HOPPER_MIN_WORK`` (B * H * Sq * Sk * D): descriptors cost host time."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if D not in HOPPER_CONFIGS or B * H * Sq * Sk * D < _HOPPER_MIN_WORK:
         return False
-    if (args.attn_mask is not None or args.alibi_slopes is not None or args.softcap > 0
-            or args.window_left >= 0 or (args.window_right >= 0 and not args.causal)):
+    if args.attn_mask is not None and not _keys_only(args.attn_mask):
+        return False
+    if (args.alibi_slopes is not None or args.softcap > 0 or args.window_left >= 0
+            or (args.window_right >= 0 and not args.causal)):
         return False
     if (args.causal and Sq > Sk) or Sk == 0:
         return False
@@ -319,15 +322,18 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
     qv, kv, ov = row_view(q), key_view(k), row_view(out)
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
+    mask, mask_strides = args.mask_arg(out)
     _runtime.launch(
         kernel, (_cdiv(Sq, 64 * cfg.consumers), B * H), device,
         (rows_descriptor(q, qv), keys_descriptor(k, kv), keys_descriptor(v, kv),
-         rows_descriptor(out, ov), out, lse_arg,
+         rows_descriptor(out, ov), out, lse_arg, mask,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
          ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
-         *lse_strides[:2], H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
+         *lse_strides[:2], mask_strides[0], mask_strides[1], mask_strides[3],
+         H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
         dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=args.causal,
-             STORE_LSE=store_lse, CONSUMER_REGS=consumer_regs), 4, 1, maxnreg)
+             STORE_LSE=store_lse, MASK_KIND=args.mask_kind(), CONSUMER_REGS=consumer_regs),
+        4, 1, maxnreg)
 
 
 def forward_v2(

@@ -103,10 +103,12 @@ def test_row_view_refuses_what_tma_cannot_read(kind):
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "bhsd_in_bshd_out"])
-def test_hopper_launch_addresses_every_head(monkeypatch, layout):
+@pytest.mark.parametrize("mask_kind", [_launch.MASK_NONE, _launch.MASK_BOOL, _launch.MASK_FLOAT])
+def test_hopper_launch_addresses_every_head(monkeypatch, layout, mask_kind):
     """The launch arguments, read back the way the kernel reads them: each (b, h)'s Q, K/V
     (head h // group) and output rows through the descriptors and their per-head
-    coordinates, and the pointer strides of the last tile and of lse."""
+    coordinates, the pointer strides of the last tile and of lse, and each (b, h)'s key
+    vector of a mask (bool read as bytes; one vector per batch entry, or per head)."""
     from types import SimpleNamespace
 
     from kernels import _runtime
@@ -127,13 +129,26 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout):
         kv = torch.randn(B, Sk, 2, Hkv, D, dtype=F16)  # packed, as the modules' projections
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     lse = torch.empty(B, H, Sq)
-    _launch.forward_hopper(q, k, v, out, lse, _args(True))
+    mask = None
+    if mask_kind == _launch.MASK_BOOL:
+        mask = torch.rand(B, 1, 1, Sk) < 0.5
+    elif mask_kind == _launch.MASK_FLOAT:
+        mask = torch.randn(B, H, 1, Sk, dtype=F16)
+    view = None if mask is None else mask.expand(B, H, Sq, Sk)
+    _launch.forward_hopper(q, k, v, out, lse, _args(True, attn_mask=view))
     (kernel, grid, device, call_args, constexprs, warps, stages, maxnreg), = launches
-    (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_nb, kv_nh, kv_ch,
-     o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, heads, group, seqlen_q,
-     seqlen_k, _) = call_args
+    (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, mask_ptr, q_rb, q_rh, q_ch, kv_nb,
+     kv_nh, kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, mask_sb, mask_sh,
+     mask_sn, heads, group, seqlen_q, seqlen_k, _) = call_args
     assert kernel == "hopper" and grid == (2, B * H) and (warps, maxnreg) == (4, 168)
     assert constexprs["CAUSAL"] and constexprs["STORE_LSE"]
+    assert constexprs["MASK_KIND"] == mask_kind
+    if mask is not None:
+        for b in range(B):
+            for h in range(H):
+                vector = torch.as_strided(mask_ptr, (Sk,), (mask_sn,),
+                                        mask_ptr.storage_offset() + b * mask_sb + h * mask_sh)
+                assert torch.equal(vector, view[b, h, 0].view(mask_ptr.dtype))
     assert (heads, group, seqlen_q, seqlen_k) == (H, H // Hkv, Sq, Sk)
     assert out_ptr is out and lse_ptr is lse
     assert (out_sb, out_sh, out_sm) == out.stride()[:3] and (lse_sb, lse_sh) == lse.stride()[:2]
@@ -195,6 +210,10 @@ def _rule_cases():
                                   _bhsd(2, 16, 4000, 256), _args()),
         "cache slice, Sk 4000": ((9, 0), _bhsd(2, 16, 4096), kv2[:, :, :4000],
                                  kv2[:, :, :4000], _args()),
+        "key padding mask": ((9, 0), q, kv, kv, _args(
+            attn_mask=torch.ones(1, 1, 1, 4096, dtype=torch.bool).expand(1, 16, 4096, 4096))),
+        "float key mask per head, causal": ((9, 0), q, kv, kv, _args(
+            True, attn_mask=torch.zeros(1, 16, 1, 4096).expand(1, 16, 4096, 4096))),
     }
     no = {
         "sm80": ((8, 0), q, kv, kv, _args()),
@@ -202,7 +221,8 @@ def _rule_cases():
         "float32": ((9, 0), q.float(), kv.float(), kv.float(), _args()),
         "head_dim 64": ((9, 0), _bhsd(1, 16, 4096, 64), _bhsd(1, 16, 4096, 64),
                         _bhsd(1, 16, 4096, 64), _args()),
-        "mask": ((9, 0), q, kv, kv, _args(attn_mask=torch.ones(1, 1, 1, 4096, dtype=torch.bool))),
+        "mask with a row per query": ((9, 0), q, kv, kv, _args(
+            attn_mask=torch.ones(4096, 4096, dtype=torch.bool).expand(1, 16, 4096, 4096))),
         "alibi": ((9, 0), q, kv, kv, _args(alibi_slopes=torch.ones(1, 16))),
         "softcap": ((9, 0), q, kv, kv, _args(softcap=30.0)),
         "window": ((9, 0), q, kv, kv, _args(window_left=256)),
@@ -261,6 +281,28 @@ def _hopper_gpu() -> bool:
 
 needs_hopper = pytest.mark.skipif(not _hopper_gpu(), reason="needs an sm_90 GPU and Gluon")
 
+
+def _attend(case: tuple, dtype: torch.dtype, head_dim: int, device: torch.device,
+            attn_mask_of=None) -> tuple[torch.Tensor, ...]:
+    """Fresh q, k, v for ``case`` (batch, heads, kv heads, Sq, Sk, causal, layout, ...) in its
+    layout, attended by ``flash_attention`` (BHSD, variant "auto") or ``flash_attention_v2``
+    (BSHD), with the mask ``attn_mask_of(batch, Sk)`` if given: (out, lse, the reference's
+    out, the reference's lse)."""
+    B, H, Hkv, Sq, Sk, causal, layout = case[:7]
+    shape_q = (B, H, Sq, head_dim) if layout == "bhsd" else (B, Sq, H, head_dim)
+    shape_k = (B, Hkv, Sk, head_dim) if layout == "bhsd" else (B, Sk, Hkv, head_dim)
+    q = torch.randn(shape_q, device=device, dtype=dtype)
+    k, v = (torch.randn(shape_k, device=device, dtype=dtype) for _ in range(2))
+    mask = None if attn_mask_of is None else attn_mask_of(B, Sk)
+    if layout == "bhsd":
+        out, lse = flash_attention(q, k, v, causal=causal, variant="auto", attn_mask=mask,
+                                   return_lse=True)
+    else:
+        out, lse = flash_attention_v2(q, k, v, causal=causal, attn_mask=mask, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, layout=layout, causal=causal, attn_mask=mask)
+    return out, lse, ref, ref_lse
+
+
 CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout
     (2, 4, 4, 256, 256, False, "bhsd"),
     (2, 4, 4, 256, 256, True, "bhsd"),
@@ -285,17 +327,9 @@ CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_hopper_kernel_matches_reference(monkeypatch, gpu_device, case, dtype, head_dim):
-    B, H, Hkv, Sq, Sk, causal, layout = case
     taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
-    shape_q = (B, H, Sq, head_dim) if layout == "bhsd" else (B, Sq, H, head_dim)
-    shape_k = (B, Hkv, Sk, head_dim) if layout == "bhsd" else (B, Sk, Hkv, head_dim)
-    q = torch.randn(shape_q, device=gpu_device, dtype=dtype)
-    k, v = (torch.randn(shape_k, device=gpu_device, dtype=dtype) for _ in range(2))
-    if layout == "bhsd":
-        out, lse = flash_attention(q, k, v, causal=causal, variant="auto", return_lse=True)
-    else:
-        out, lse = flash_attention_v2(q, k, v, causal=causal, return_lse=True)
-    ref, ref_lse = reference_attention(q, k, v, layout=layout, causal=causal)
+    Sq = case[3]
+    out, lse, ref, ref_lse = _attend(case, dtype, head_dim, gpu_device)
     # up to FAMILY_MAX_Q query rows, a first call also records a dry probe of its
     # growing-cache family (kernels._plan): the launcher runs twice, the kernel once
     assert taken == ["forward_hopper"] * (2 if Sq <= _plan.FAMILY_MAX_Q else 1)
@@ -323,8 +357,8 @@ def test_gpu_hopper_kernel_writes_every_row(gpu_device):
 @needs_hopper
 def test_gpu_hopper_kernel_leaves_the_rest_to_v2(monkeypatch, gpu_device):
     """A KV cache sliced along S takes the Hopper kernel whether or not the slice ends on a
-    block edge, and its unwritten slots (NaN here) stay unread; head_dim 64, a mask, Sq > Sk
-    causal: V2."""
+    block edge, and its unwritten slots (NaN here) stay unread; head_dim 64, a mask with a row
+    per query, Sq > Sk causal: V2."""
     taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
     cache = torch.full((2, 4, 512, 128), float("nan"), device=gpu_device, dtype=F16)
     q = torch.randn(2, 4, 64, 128, device=gpu_device, dtype=F16)
@@ -346,3 +380,88 @@ def test_gpu_hopper_kernel_leaves_the_rest_to_v2(monkeypatch, gpu_device):
                     attn_mask=torch.ones(256, 256, dtype=torch.bool, device=gpu_device))
     flash_attention(q128, q128[:, :, :128], q128[:, :, :128], variant="auto", causal=True)
     assert taken == ["forward_v2"] * 3
+
+
+def _key_mask(pattern: str, batch: int, heads: int, seqlen_k: int, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """A key-vector mask (batch, heads, 1, Sk) (heads 1: shared by every head) in ``dtype``
+    (bool: True = take part; floating: added, -inf hides). The last batch entry hides every
+    key, the others as ``pattern`` says: "right" keeps a prefix of each row (padding at the
+    end, lengths off the block edges), "left" hides a prefix (left padding: early query rows
+    of a causal call see no key for a while), "random" hides keys anywhere."""
+    keys = torch.arange(seqlen_k, device=device)
+    rows = []
+    for b in range(batch * heads):
+        if b // heads == batch - 1:
+            keep = torch.zeros(seqlen_k, dtype=torch.bool, device=device)
+        elif pattern == "right":
+            keep = keys < seqlen_k - 77 * (b % 3)
+        elif pattern == "left":
+            keep = keys >= 131 * (b % 3 + 1)
+        else:
+            keep = torch.rand(seqlen_k, device=device) < 0.7
+        rows.append(keep)
+    keep = torch.stack(rows).view(batch, heads, 1, seqlen_k)
+    if dtype == torch.bool:
+        return keep
+    bias = torch.randn(keep.shape, device=device).clamp(-2, 2).to(dtype)
+    return bias.masked_fill(~keep, float("-inf"))
+
+
+MASK_CASES = [  # batch, heads, kv heads, Sq, Sk, causal, layout, pattern, mask heads, mask dtype
+    (3, 4, 4, 256, 256, False, "bhsd", "right", 1, torch.bool),
+    (3, 4, 4, 300, 300, True, "bhsd", "right", 1, torch.bool),
+    (3, 4, 2, 384, 640, True, "bshd", "left", 1, torch.bool),
+    (3, 4, 4, 129, 383, False, "bshd", "left", 4, torch.bool),
+    (3, 8, 2, 1000, 1037, True, "bhsd", "random", 8, torch.bool),
+    (3, 4, 4, 256, 700, False, "bhsd", "random", 1, torch.float32),
+    (3, 4, 1, 333, 640, True, "bshd", "right", 4, None),  # float mask in the inputs' dtype
+]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_hopper_kernel_key_masks(monkeypatch, gpu_device, case, dtype, head_dim):
+    """Key-vector masks (key padding) run the Hopper kernel and match the reference: padding
+    on either side, random holes, per-head masks, float masks, with causal and GQA; the batch
+    entry whose keys are all hidden gives 0 and lse -inf."""
+    pattern, mask_heads, mask_dtype = case[7:]
+    taken = spy_calls(monkeypatch, _launch, ("forward_hopper", "forward_v2"))
+    out, lse, ref, ref_lse = _attend(
+        case, dtype, head_dim, gpu_device, lambda batch, seqlen_k: _key_mask(
+            pattern, batch, mask_heads, seqlen_k, gpu_device, mask_dtype or dtype))
+    assert taken == ["forward_hopper"]
+    assert not out.isnan().any()
+    assert_matches(out, ref, 2e-3 if dtype == F16 else 1e-2)
+    assert_lse_matches(lse, ref_lse)
+    assert (out[-1] == 0).all() and (lse[-1] == float("-inf")).all()
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_gpu_hopper_kernel_key_mask_writes_every_row(gpu_device, head_dim):
+    """Direct launch with a left-padded key mask into NaN-filled out and lse: rows that see
+    no key (causal, before their first kept key) are written as 0 and -inf, the rest match."""
+    q = torch.randn(2, 4, 200, head_dim, device=gpu_device, dtype=F16)
+    k, v = (torch.randn(2, 2, 256, head_dim, device=gpu_device, dtype=F16) for _ in range(2))
+    keep = torch.arange(256, device=gpu_device) >= torch.tensor([[90], [170]],
+                                                                 device=gpu_device)
+    mask = keep.view(2, 1, 1, 256)
+    args = _launch.ScoreArgs(head_dim ** -0.5, True, -1, 0, 0.0, mask.expand(2, 4, 200, 256),
+                             None)
+    assert _launch.hopper_ok(q, k, v, q, args)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, 4, 200), float("nan"), device=gpu_device)
+    _launch.forward_hopper(q, k, v, out, lse, args)
+    ref, ref_lse = reference_attention(q, k, v, causal=True, attn_mask=mask)
+    assert_matches(out, ref, 2e-3)
+    assert_lse_matches(lse, ref_lse)
+    # with Sk - Sq = 56, row i sees keys up to i + 56: rows below 34 (batch 0) and 114
+    # (batch 1) see none
+    assert (out[0, :, :34] == 0).all() and (out[1, :, :114] == 0).all()
+    assert (lse[0, :, :34] == float("-inf")).all() and (lse[0, :, 34:] > float("-inf")).all()
+    assert (lse[1, :, :114] == float("-inf")).all() and (lse[1, :, 114:] > float("-inf")).all()

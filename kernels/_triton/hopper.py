@@ -1,6 +1,7 @@
 """FlashAttention-2's forward with Hopper's asynchronous schedule (FlashAttention-3's), in
-Gluon, Triton's lower-level language: only for sm_90, fp16/bf16, and calls without a mask,
-window, softcap or ALiBi (``kernels._launch.hopper_covers`` says exactly which).
+Gluon, Triton's lower-level language: only for sm_90, fp16/bf16, and calls without a window,
+softcap or ALiBi whose mask, if any, is one key vector per batch and head (key padding:
+``kernels._launch.hopper_covers`` says exactly which).
 
 Why a second kernel for the plain case: triton 3.6 compiles ``v2.py``'s loop with CTA-wide
 barriers around its loads, so the two warpgroups of a program do their softmax at the same
@@ -17,10 +18,15 @@ by hand (``gl.warp_specialize``):
   runs (the wgmma is asynchronous).
 - whole output tiles leave through TMA from the consumer's Q slot, a last partial tile
   through masked pointer stores.
+- a key-vector mask (MASK_KIND, ``common.py``'s kinds) is scanned once per program before
+  the partitions start, as V2 does (``common.mask_key_bounds``): the blocks after the last
+  key it lets through are neither loaded nor visited, and the blocks before the first key
+  it changes run as if there were no mask; the others add it to their scores as a [BN]
+  bias vector, loaded while their scores' wgmma runs.
 
 Conventions are ``common.py``'s: scores in log2 units, query row i sees key j iff
-j <= i + Sk - Sq when causal. The launcher only calls this kernel where every query row
-sees a key (Sq <= Sk when causal), so no row ends with an empty softmax.
+j <= i + Sk - Sq when causal, a row that sees no key gives 0 (lse -inf). Without a mask the
+launcher only calls this kernel where every query row sees a key (Sq <= Sk when causal).
 """
 
 from triton.experimental import gluon
@@ -35,6 +41,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma's M)
 LN2 = gl.constexpr(0.6931471805599453)
+LOG2E = gl.constexpr(1.4426950408889634)
+MASK_NONE = gl.constexpr(0)  # mask kinds: kernels._launch's MASK_NONE, MASK_BOOL, MASK_FLOAT
+MASK_BOOL = gl.constexpr(1)
+MASK_SCAN = gl.constexpr(2048)  # keys of the mask read per step of _mask_bounds
 
 
 @gluon.jit
@@ -71,6 +81,73 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
 
 
 @gluon.jit
+def _mask_bounds(mask_base, stride_n, hi, MASK_KIND: gl.constexpr):
+    """Where the key-vector mask at ``mask_base`` matters among keys [0, hi): (first, end),
+    ``first`` the first key it changes (a False of a bool mask, a non-zero of a float one;
+    ``hi`` if none) and ``end`` one past the last key it lets through (0 if none). Read
+    MASK_SCAN keys at a time, forwards to the first change, backwards to the last visible
+    key: a right-padded row stops after one step of each."""
+    layout: gl.constexpr = gl.BlockedLayout([MASK_SCAN // (32 * gl.num_warps())], [32],
+                                            [gl.num_warps()], [0])
+    offs = gl.arange(0, MASK_SCAN, layout=layout)
+    first = hi
+    n = hi * 0
+    while (n < hi) & (first == hi):
+        idx = n + offs
+        inside = idx < hi
+        vals = gl.load(mask_base + idx * stride_n, mask=inside, other=0)
+        if MASK_KIND == MASK_BOOL:
+            changed = vals == 0
+        else:
+            changed = vals != 0
+        first = gl.min(gl.where(changed & inside, idx, hi), 0)
+        n += MASK_SCAN
+    last = hi * 0 - 1
+    n = hi
+    while (n > 0) & (last < 0):
+        idx = n - MASK_SCAN + offs
+        inside = idx >= 0
+        vals = gl.load(mask_base + idx * stride_n, mask=inside, other=0)
+        if MASK_KIND == MASK_BOOL:
+            seen = vals != 0
+        else:
+            seen = vals != float("-inf")
+        last = gl.max(gl.where(seen & inside, idx, -1), 0)
+        n -= MASK_SCAN
+    return first, last + 1
+
+
+@gluon.jit
+def _key_bias(keys, j, seqlen_k, BN: gl.constexpr, layout: gl.constexpr,
+              MASK_KIND: gl.constexpr):
+    """Key block j's [BN] slice of the key-vector mask as an additive bias in log2 units (a
+    bool mask's False, and keys past Sk, become -inf), in ``layout``. Loaded one key per
+    thread, then spread to the score layout: loading it in that layout directly would hold
+    an address per column in every thread (spills)."""
+    mask_base, stride_n, first = keys
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    cols = j * BN + gl.arange(0, BN, layout=flat)
+    inside = cols < seqlen_k
+    vals = gl.load(mask_base + cols * stride_n, mask=inside, other=0)
+    if MASK_KIND == MASK_BOOL:
+        bias = gl.where(vals != 0, 0.0, float("-inf"))
+    else:
+        bias = gl.where(inside, vals.to(gl.float32) * LOG2E, float("-inf"))
+    return gl.convert_layout(bias, layout)
+
+
+@gluon.jit
+def _exp_base(m, KEYS: gl.constexpr):
+    """The row maxima the exponentials subtract: ``m``, except that on a block that adds the
+    key-vector mask a row that has seen no key yet (m = -inf) subtracts 0, so that its exp2
+    gives 0, not NaN. (Blocks without it come before the first key the mask changes: every
+    row has seen a key there.)"""
+    if KEYS:
+        m = gl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@gluon.jit
 def _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL: gl.constexpr, MASKED: gl.constexpr):
     """Block j's scores in log2 units; on a MASKED block the keys after each row's causal
     diagonal, or (not causal) past Sk, are -inf. Keys past Sk read as zeros (TMA's fill);
@@ -89,14 +166,15 @@ def _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL: gl.constexpr, MASKED: 
 
 
 @gluon.jit
-def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, diag, seqlen_k,
-          CAUSAL: gl.constexpr, MASKED: gl.constexpr):
+def _step(j, p, m_i, l_i, acc, ctx, c: gl.constexpr, CAUSAL: gl.constexpr,
+          MASKED: gl.constexpr, KEYS: gl.constexpr, MASK_KIND: gl.constexpr):
     """One key block j >= 1 of consumer ``c``: issue S_j = Q K_j^T, then P_{j-1} V_{j-1} into
     the accumulator, hand the tensor cores to the next warpgroup, and run S_j's softmax while
-    P_{j-1} V_{j-1} completes."""
+    P_{j-1} V_{j-1} completes. KEYS: add the key-vector mask to S_j, after both products
+    complete (its [BN] bias would not fit in the registers beside P.V's operands)."""
+    q, smem, bars, zeros, qk_scale, row0, diag, seqlen_k, keys = ctx
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
-    zeros, qk_scale = consts
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     NC: gl.constexpr = q_bufs.type.shape[0]
     FIRST: gl.constexpr = 1 if c == 0 else 0  # warpgroup 0 takes the first turn
@@ -112,23 +190,45 @@ def _step(j, q, p, m_i, l_i, acc, smem, bars, c: gl.constexpr, consts, row0, dia
     acc = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout),
                         v_bufs.index(prev), acc, is_async=True)
     mbarrier.arrive(turn.index((c + 1) % NC), count=1)
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the scores; P.V still runs
-    mbarrier.arrive(k_empty.index(slot), count=1)
-    s = _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL, MASKED)
+    if KEYS:
+        s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        bias = _key_bias(keys, j, seqlen_k, zeros.type.shape[1],
+                         gl.SliceLayout(0, zeros.type.layout), MASK_KIND)
+        s = _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL, MASKED) + bias[None, :]
+    else:
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the scores; P.V still runs
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        s = _scores(s, qk_scale, j, row0, seqlen_k, diag, CAUSAL, MASKED)
     m_new = gl.maximum(m_i, gl.max(s, 1))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s - m_new[:, None])
+    m_use = _exp_base(m_new, KEYS)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + gl.sum(p, 1)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(v_empty.index(prev), count=1)
+    if not KEYS:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(prev), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     return p, m_new, l_i, acc
 
 
 @gluon.jit
-def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scalars, out,
-             lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
+def _steps(start, stop, state, ctx, c: gl.constexpr, CAUSAL: gl.constexpr,
+           MASKED: gl.constexpr, KEYS: gl.constexpr, MASK_KIND: gl.constexpr):
+    """``_step`` over key blocks [start, stop): one loop per masking, whose flags are
+    constexprs. ``state`` is (p, m_i, l_i, acc)."""
+    p, m_i, l_i, acc = state
+    for j in range(start, stop):
+        p, m_i, l_i, acc = _step(j, p, m_i, l_i, acc, ctx, c, CAUSAL, MASKED, KEYS, MASK_KIND)
+    return p, m_i, l_i, acc
+
+
+@gluon.jit
+def _consume(ops, c: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
+             MASK_KIND: gl.constexpr):
     """Consumer warpgroup ``c``: rows [m0 + 64c, m0 + 64c + 64) of the tile."""
+    q_desc, k_desc, smem, bars, coords, n_blocks, scalars, out, lse_ptr, keys = ops
     q_bufs, k_bufs, v_bufs = smem
     q_bar, k_ready, k_empty, v_ready, v_empty, turn = bars
     b, h, m0, q_row, q_col, kv_n, kv_col, o_row, o_col = coords
@@ -155,6 +255,7 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     if CAUSAL:
         n_full = gl.minimum(n_full, (row0 + diag + 1) // BN)
     n_full = gl.minimum(n_full, n_blocks)
+    KEYS: gl.constexpr = MASK_KIND != MASK_NONE
     q = q_bufs.index(c)
     zeros = gl.zeros([ROWS, BN], gl.float32, layout=s_layout)
     acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
@@ -166,24 +267,37 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
     s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zeros,
                       use_acc=False, is_async=True)
     mbarrier.arrive(turn.index((c + 1) % NC), count=1)
+    if KEYS:
+        bias = _key_bias(keys, 0, seqlen_k, BN, gl.SliceLayout(0, s_layout), MASK_KIND)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
     if n_full > 0:
         s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, False)
     else:
         s = _scores(s, qk_scale, 0, row0, seqlen_k, diag, CAUSAL, True)
+    if KEYS:
+        s = s + bias[None, :]
     m_i = gl.max(s, 1)
-    p = gl.exp2(s - m_i[:, None])
+    p = gl.exp2(s - _exp_base(m_i, KEYS)[:, None])
     l_i = gl.sum(p, 1)
 
-    consts = (zeros, qk_scale)
+    # blocks [1, n_split) need no bounds mask, blocks [n_split, n_blocks) do; under a
+    # key-vector mask, only the blocks from that of the first key it changes add it
+    ctx = (q, smem, bars, zeros, qk_scale, row0, diag, seqlen_k, keys)
+    state = (p, m_i, l_i, acc)
     n_split = gl.maximum(n_full, 1)
-    for j in range(1, n_split):
-        p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
-                                 seqlen_k, CAUSAL, False)
-    for j in range(n_split, n_blocks):
-        p, m_i, l_i, acc = _step(j, q, p, m_i, l_i, acc, smem, bars, c, consts, row0, diag,
-                                 seqlen_k, CAUSAL, True)
+    if KEYS:
+        n_keys = keys[2] // BN
+        n_plain = gl.maximum(gl.minimum(n_split, n_keys), 1)
+        n_edge = gl.maximum(gl.minimum(n_blocks, n_keys), n_split)
+        state = _steps(1, n_plain, state, ctx, c, CAUSAL, False, False, MASK_KIND)
+        state = _steps(n_plain, n_split, state, ctx, c, CAUSAL, False, True, MASK_KIND)
+        state = _steps(n_split, n_edge, state, ctx, c, CAUSAL, True, False, MASK_KIND)
+        state = _steps(n_edge, n_blocks, state, ctx, c, CAUSAL, True, True, MASK_KIND)
+    else:
+        state = _steps(1, n_split, state, ctx, c, CAUSAL, False, False, MASK_KIND)
+        state = _steps(n_split, n_blocks, state, ctx, c, CAUSAL, True, False, MASK_KIND)
+    p, m_i, l_i, acc = state
 
     last = (n_blocks - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
@@ -191,13 +305,16 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
                         v_bufs.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
-    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    # a row that saw no key (only under a mask) has l = 0 and acc = 0: output 0, lse -inf
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    acc = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-    # emitted even without STORE_LSE, then masked off: triton 3.6 fails to lower this kernel
-    # when the partitions leave the lse arguments unused
-    lse = gl.convert_layout((m_i + gl.log2(l_i)) * LN2, o_rows)
-    gl.store(lse_ptr + b.to(gl.int64) * lse_sb + h.to(gl.int64) * lse_sh + rows, lse,
-             mask=(rows < seqlen_q) & STORE_LSE)
+    if STORE_LSE:
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+        lse = gl.convert_layout(lse, o_rows)
+        gl.store(lse_ptr + b.to(gl.int64) * lse_sb + h.to(gl.int64) * lse_sh + rows, lse,
+                 mask=rows < seqlen_q)
     if row0 + ROWS <= seqlen_q:
         # a whole tile: staged in its (now free) Q slot and stored by TMA
         q.store(acc.to(dtype))
@@ -214,43 +331,30 @@ def _consume(q_desc, k_desc, smem, bars, coords, n_blocks, c: gl.constexpr, scal
 
 
 # The partitions: warpgroup 0 runs as the default partition (the kernel's own 4 warps), the
-# loader (1 warp) and the other warpgroups as workers. Worker functions must share one signature, so
-# all three take the same arguments; each warpgroup needs a function of its own, since its
-# index is a constexpr.
+# loader (``_loads``, 1 warp) and the other warpgroups as workers; each warpgroup needs a
+# function of its own, since its index is a constexpr.
 @gluon.jit
-def _warpgroup0(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
-                lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 0, scalars, out, lse_ptr,
-             CAUSAL, STORE_LSE)
+def _warpgroup0(ops, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, MASK_KIND: gl.constexpr):
+    _consume(ops, 0, CAUSAL, STORE_LSE, MASK_KIND)
 
 
 @gluon.jit
-def _warpgroup1(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
-                lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 1, scalars, out, lse_ptr,
-             CAUSAL, STORE_LSE)
+def _warpgroup1(ops, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, MASK_KIND: gl.constexpr):
+    _consume(ops, 1, CAUSAL, STORE_LSE, MASK_KIND)
 
 
 @gluon.jit
-def _warpgroup2(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out,
-                lse_ptr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _consume(q_desc, k_desc, smem, bars, coords, n_blocks, 2, scalars, out, lse_ptr,
-             CAUSAL, STORE_LSE)
-
-
-@gluon.jit
-def _loader(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks, scalars, out, lse_ptr,
-            CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr):
-    _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks)
+def _warpgroup2(ops, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, MASK_KIND: gl.constexpr):
+    _consume(ops, 2, CAUSAL, STORE_LSE, MASK_KIND)
 
 
 @gluon.jit
 def attention_fwd_hopper(
-    q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, q_rb, q_rh, q_ch, kv_nb, kv_nh,
-    kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, H, GROUP, seqlen_q,
-    seqlen_k, qk_scale,
+    q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, mask_ptr, q_rb, q_rh, q_ch, kv_nb,
+    kv_nh, kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, mask_sb, mask_sh,
+    mask_sn, H, GROUP, seqlen_q, seqlen_k, qk_scale,
     NC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    MASK_KIND: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Q is read through a 2-D tensor descriptor over its memory (blocks [64, D]): query row
     s of head (b, h) is descriptor row b * q_rb + h * q_rh + s at column h * q_ch. K and V
@@ -260,6 +364,8 @@ def attention_fwd_hopper(
     64-row tiles through ``out_desc`` (blocks [64, D], rows b * o_rb + h * o_rh + s, column
     h * o_ch), the last partial tile through ``out_ptr`` with strides (out_sb, out_sh,
     out_sm, 1). lse (B, H, Sq) float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE.
+    With MASK_KIND, key s of (b, h) is masked by mask_ptr[b * mask_sb + h * mask_sh +
+    s * mask_sn] (bool as uint8, or a float added to the scores).
     Grid: (query tiles of 64 * NC rows, B * H); kernel num_warps 4 (warpgroup 0); the
     workers get CONSUMER_REGS registers per thread (the loader 24), warpgroup 0 what the
     kernel's maxnreg leaves."""
@@ -278,6 +384,14 @@ def attention_fwd_hopper(
     if CAUSAL:
         last_row = gl.minimum(m0 + NC * ROWS, seqlen_q) - 1
         n_blocks = gl.minimum(n_blocks, gl.cdiv(last_row + seqlen_k - seqlen_q + 1, BN))
+    mask_base = mask_ptr + b.to(gl.int64) * mask_sb + h.to(gl.int64) * mask_sh
+    first = seqlen_k  # the first key the mask changes
+    if MASK_KIND != MASK_NONE:
+        first, end = _mask_bounds(mask_base, mask_sn, gl.minimum(n_blocks * BN, seqlen_k),
+                                  MASK_KIND)
+        # at least one block: a program whose keys are all hidden still runs its consumers
+        # (their rows give 0)
+        n_blocks = gl.maximum(gl.minimum(n_blocks, gl.cdiv(end, BN)), 1)
 
     q_bufs = gl.allocate_shared_memory(dtype, [NC, ROWS, D], q_desc.layout)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
@@ -302,13 +416,23 @@ def attention_fwd_hopper(
     coords = (b, h, m0, b * q_rb + h * q_rh, h * q_ch, b * kv_nb + hk * kv_nh, hk * kv_ch,
               b * o_rb + h * o_rh, h * o_ch)
     scalars = (qk_scale, seqlen_q, seqlen_k, out_sb, out_sh, out_sm, lse_sb, lse_sh)
-    args = (q_desc, k_desc, v_desc, (q_bufs, k_bufs, v_bufs),
-            (q_bar, k_ready, k_empty, v_ready, v_empty, turn), coords, n_blocks, scalars,
-            (out_ptr, out_desc), lse_ptr, CAUSAL, STORE_LSE)
+    # Constexprs reach the partitions only through a tuple built in the call: a tuple
+    # assigned to a variable holds them as tensors, and the partitions would branch at run
+    # time. Each partition takes its own arguments.
+    ops = (q_desc, k_desc, (q_bufs, k_bufs, v_bufs),
+           (q_bar, k_ready, k_empty, v_ready, v_empty, turn), coords, n_blocks, scalars,
+           (out_ptr, out_desc), lse_ptr, (mask_base, mask_sn, first))
+    loads = (q_desc, k_desc, v_desc, (q_bufs, k_bufs, v_bufs),
+             (q_bar, k_ready, k_empty, v_ready, v_empty, turn), coords, n_blocks)
     if NC == 2:
-        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args)],
+        gl.warp_specialize([(_warpgroup0, (ops, CAUSAL, STORE_LSE, MASK_KIND)),
+                            (_loads, loads),
+                            (_warpgroup1, (ops, CAUSAL, STORE_LSE, MASK_KIND))],
                            [1, 4], [24, CONSUMER_REGS])
     else:
         gl.static_assert(NC == 3, "two or three consumer warpgroups")
-        gl.warp_specialize([(_warpgroup0, args), (_loader, args), (_warpgroup1, args),
-                            (_warpgroup2, args)], [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
+        gl.warp_specialize([(_warpgroup0, (ops, CAUSAL, STORE_LSE, MASK_KIND)),
+                            (_loads, loads),
+                            (_warpgroup1, (ops, CAUSAL, STORE_LSE, MASK_KIND)),
+                            (_warpgroup2, (ops, CAUSAL, STORE_LSE, MASK_KIND))],
+                           [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
