@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, as named parts that one device call or several run in order:
-#   tests      the GPU tests of every file that has them, five pytest processes side by side
-#              (test_features split in two halves by node id); tests.log: each lane's summary
+#   tests      the GPU tests of every file that has them, six pytest processes side by side
+#              (test_features and test_hopper each split in two halves by node id);
+#              tests.log: each lane's summary
 #   features   bench_features (decode, masked prefill, GQA, peak memory; issue 3)
 #   encoder    bench_encoder (nn.TransformerEncoder before and after the swap; issue 4)
 #   attention  bench_attention --check, one process per dtype (issues 2 and 7);
@@ -25,16 +26,18 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 gpus=$(nvidia-smi -L | wc -l)
 
 part_tests() {
-    local logs=$work pids=() lane pid rc=0
-    python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/test_features.py \
-        | grep '::' > "$logs/features_ids"
-    local half=$(( ($(wc -l < "$logs/features_ids") + 1) / 2 ))
-    head -n "$half" "$logs/features_ids" > "$logs/features_a"
-    tail -n +"$((half + 1))" "$logs/features_ids" > "$logs/features_b"
-    for lane in features_a features_b "compile hf plans" "mha attention_modules" \
-                hopper; do
+    local logs=$work pids=() lane pid rc=0 name
+    for name in features hopper; do  # the two longest files, halved by node id
+        python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider "tests/test_$name.py" \
+            | grep '::' > "$logs/${name}_ids"
+        local half=$(( ($(wc -l < "$logs/${name}_ids") + 1) / 2 ))
+        head -n "$half" "$logs/${name}_ids" > "$logs/${name}_a"
+        tail -n +"$((half + 1))" "$logs/${name}_ids" > "$logs/${name}_b"
+    done
+    for lane in features_a features_b hopper_a hopper_b "compile hf plans" \
+                "mha attention_modules"; do
         local files=() f
-        if [[ $lane == features_? ]]; then
+        if [[ $lane == *_? ]]; then
             mapfile -t files < "$logs/$lane"
         else
             for f in $lane; do files+=("tests/test_$f.py"); done

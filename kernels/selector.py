@@ -14,7 +14,8 @@ The rule (measured on an H100, see benchmarks/RESULTS.md):
   shape (250-580 TFLOP/s against 4-67 on the H100), because V1's schedule parallelises over
   batch*heads only and round-trips its running output through a float32 workspace for
   every K/V block. V1 runs only when asked for by name. On sm_90, V2's calls at head_dim 128
-  and 256 without mask, window, softcap or ALiBi run its warp-specialised Hopper kernel
+  and 256 without window, softcap or ALiBi, and without a mask or with a key-vector one (key
+  padding), run its warp-specialised Hopper kernel
   (``kernels._launch.hopper_covers``: a per-call rule, since it reads strides and options
   that the shape key below does not hold).
 Other GPUs (not measured) and CPU tensors (the interpreter runs every kernel) follow the
