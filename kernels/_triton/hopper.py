@@ -22,11 +22,11 @@ by hand (``gl.warp_specialize``):
   the partitions start, as V2 does (``common.mask_key_bounds``): the blocks after the last
   key it lets through are neither loaded nor visited, and the blocks before the first key
   it changes run as if there were no mask; the others add it to their scores as a [BN]
-  bias vector, loaded while their scores' wgmma runs.
+  bias vector, once both products of their step are complete.
 
-Conventions are ``common.py``'s: scores in log2 units, query row i sees key j iff
-j <= i + Sk - Sq when causal, a row that sees no key gives 0 (lse -inf). Without a mask the
-launcher only calls this kernel where every query row sees a key (Sq <= Sk when causal).
+Conventions and constants are ``common.py``'s: scores in log2 units, query row i sees key j
+iff j <= i + Sk - Sq when causal, a row that sees no key gives 0 (lse -inf). The launcher
+calls this kernel with Sq <= Sk when causal, so that only a mask can leave a row without keys.
 """
 
 from triton.experimental import gluon
@@ -39,12 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .common import LN2, LOG2E, MASK_BOOL, MASK_NONE, MASK_SCAN
+
 ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma's M)
-LN2 = gl.constexpr(0.6931471805599453)
-LOG2E = gl.constexpr(1.4426950408889634)
-MASK_NONE = gl.constexpr(0)  # mask kinds: kernels._launch's MASK_NONE, MASK_BOOL, MASK_FLOAT
-MASK_BOOL = gl.constexpr(1)
-MASK_SCAN = gl.constexpr(2048)  # keys of the mask read per step of _mask_bounds
 
 
 @gluon.jit
