@@ -4,6 +4,8 @@ to V2."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -465,3 +467,54 @@ def test_gpu_hopper_kernel_key_mask_writes_every_row(gpu_device, head_dim):
     assert (out[0, :, :34] == 0).all() and (out[1, :, :114] == 0).all()
     assert (lse[0, :, :34] == float("-inf")).all() and (lse[0, :, 34:] > float("-inf")).all()
     assert (lse[1, :, :114] == float("-inf")).all() and (lse[1, :, 114:] > float("-inf")).all()
+
+
+def _hopper_signature(fn, dtype: str, head_dim: int, block_n: int, mask_type: str) -> dict:
+    """The Hopper kernel's argument types for ``triton.compile``: descriptors of Q/out
+    (blocks [64, D]) and K/V ([1, BN, D]) with their shared-memory layouts, pointers, scalars;
+    constexprs left to the caller."""
+    from triton.experimental.gluon import language as gl
+
+    element = gl.float16 if dtype == "fp16" else gl.bfloat16
+
+    def descriptor(block: list[int]) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for(block, element)
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+    types = {"q_desc": descriptor([64, head_dim]), "out_desc": descriptor([64, head_dim]),
+             "k_desc": descriptor([1, block_n, head_dim]),
+             "v_desc": descriptor([1, block_n, head_dim]),
+             "out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "mask_ptr": mask_type,
+             "qk_scale": "fp32"}
+    return {name: "constexpr" if param.is_constexpr else types.get(name, "i32")
+            for name, param in zip(fn.arg_names, fn.params, strict=True)}
+
+
+@pytest.mark.parametrize("dtype, head_dim, causal, mask_kind, mask_type, store_lse", [
+    ("fp16", 128, False, _launch.MASK_NONE, "*fp16", True),
+    ("bf16", 128, True, _launch.MASK_BOOL, "*u8", False),
+    ("fp16", 256, True, _launch.MASK_FLOAT, "*fp32", True),
+])
+def test_hopper_kernel_compiles_for_sm90(dtype, head_dim, causal, mask_kind, mask_type,
+                                          store_lse, tmp_path, monkeypatch):
+    """The Gluon kernel compiles for an sm_90 target with the installed triton (no GPU needed:
+    its TMA and shared-memory calls are renamed between triton releases), with the launcher's
+    configuration and register split, with and without a key-vector mask."""
+    triton = pytest.importorskip("triton")
+    gluon_runtime = pytest.importorskip("triton.experimental.gluon._runtime")
+    from triton.backends.compiler import GPUTarget
+
+    from kernels import _runtime
+
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    fn = importlib.import_module("kernels._triton.hopper").attention_fwd_hopper
+    cfg = _launch.HOPPER_CONFIGS[head_dim]
+    consumer_regs, maxnreg = cfg.registers()
+    constexprs = dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=causal,
+                      STORE_LSE=store_lse, MASK_KIND=mask_kind, CONSUMER_REGS=consumer_regs)
+    source = gluon_runtime.GluonASTSource(
+        fn, _hopper_signature(fn, dtype, head_dim, cfg.block_n, mask_type), constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=_runtime._options(4, 1, maxnreg))
+    assert len(compiled.asm["cubin"]) > 1000
+    assert "attention_fwd_hopper" in compiled.asm["ptx"]

@@ -42,12 +42,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .common import LN2, LOG2E, MASK_BOOL, MASK_NONE, MASK_SCAN
 
 ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma's M)
+# Gluon calls renamed after triton 3.6 (3.9 raises on the old names): the TMA copies are
+# async_load / async_store, and a shared-memory view's _reinterpret is reinterpret
+_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 
 @gluon.jit
 def _as_block(buf, desc):
     """A [BN, D] ring slot seen as the [1, BN, D] block of a K/V descriptor."""
-    return buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    if _REINTERPRET:
+        view = buf.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    else:
+        view = buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+    return view
 
 
 @gluon.jit
@@ -61,7 +70,7 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
     NC: gl.constexpr = q_bufs.type.shape[0]
     mbarrier.expect(q_bar, NC * q_desc.block_type.nbytes)
     for c in gl.static_range(NC):
-        tma.async_copy_global_to_shared(q_desc, [q_row + m0 + c * ROWS, q_col], q_bar,
+        _tma_load(q_desc, [q_row + m0 + c * ROWS, q_col], q_bar,
                                         q_bufs.index(c))
     for j in range(n_blocks):
         slot = j % STAGES
@@ -69,11 +78,11 @@ def _loads(q_desc, k_desc, v_desc, smem, bars, coords, n_blocks):
         # a fresh mbarrier counts as having completed phase 1: the first pass does not wait
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_n, j * BN, kv_col], k_ready.index(slot),
+        _tma_load(k_desc, [kv_n, j * BN, kv_col], k_ready.index(slot),
                                         _as_block(k_bufs.index(slot), k_desc))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_n, j * BN, kv_col], v_ready.index(slot),
+        _tma_load(v_desc, [kv_n, j * BN, kv_col], v_ready.index(slot),
                                         _as_block(v_bufs.index(slot), v_desc))
 
 
@@ -316,7 +325,7 @@ def _consume(ops, c: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr
         # a whole tile: staged in its (now free) Q slot and stored by TMA
         q.store(acc.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [o_row + row0, o_col], q)
+        _tma_store(out_desc, [o_row + row0, o_col], q)
         tma.store_wait(0)
     else:
         # the last tile: a pointer store masked by row, since the rows past Sq belong to
