@@ -120,6 +120,22 @@ def _block_d(head_dim: int) -> int:
     return max(16, _next_pow2(head_dim))
 
 
+def _order_group(device: torch.device, causal: bool, heads: int, group: int, seqlen_k: int,
+                 head_dim: int, itemsize: int) -> int:
+    """Heads per group of ``common.tile_order`` for ``heads`` = B * H query heads of GQA
+    ``group``. Without a causal mask every tile costs the same: 1, head by head, so that the
+    tiles of a head run together and share its K/V in the L2 cache. Causal: as many heads as
+    half the L2 cache holds the K/V of (the query heads of a GQA group share theirs), so that
+    the longest tiles of all of them start first and the grid ends on short tiles (simulated
+    tail of head-by-head order: 3% of a B*S = 32k grid, 15-30% at batch 1;
+    benchmarks/NOTES.md, "Nineteenth session"). The interpreter counts a 1 MiB cache."""
+    if not causal:
+        return 1
+    cache = _runtime.l2_cache_bytes(device) if device.type == "cuda" else 1 << 20
+    per_head = max(1, 2 * seqlen_k * head_dim * itemsize // group)
+    return max(1, min(heads, cache // 2 // per_head))
+
+
 # Tensor descriptors (TMA) gained 0-11% of kernel time on the H100 but cost about 30 us of host
 # time per call (three descriptors, encoded again by Triton's launcher on every launch): more
 # than they save on small calls, which are host-bound. Below either bound, pointers.
@@ -323,14 +339,16 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     qv, kv, ov = row_view(q), key_view(k), row_view(out)
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     mask, mask_strides = args.mask_arg(out)
+    n_tiles = _cdiv(Sq, 64 * cfg.consumers)
+    order = _order_group(device, args.causal, B * H, H // Hkv, Sk, D, q.element_size())
     _runtime.launch(
-        kernel, (_cdiv(Sq, 64 * cfg.consumers), B * H), device,
+        kernel, (n_tiles * B * H,), device,
         (rows_descriptor(q, qv), keys_descriptor(k, kv), keys_descriptor(v, kv),
          rows_descriptor(out, ov), out, lse_arg, mask,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
          ov.per_batch, ov.per_head, ov.head_col, *out.stride()[:3],
          *lse_strides[:2], mask_strides[0], mask_strides[1], mask_strides[3],
-         H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
+         n_tiles, order, H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
         dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=args.causal,
              STORE_LSE=store_lse, MASK_KIND=args.mask_kind(), CONSUMER_REGS=consumer_regs),
         4, 1, maxnreg)
@@ -360,7 +378,8 @@ def forward_v2(
     lse, lse_strides, store_lse = _lse_arg(lse, out)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    grid = (_cdiv(rows, cfg.block_m), batch * H)
+    n_tiles = _cdiv(rows, cfg.block_m)
+    order = _order_group(device, args.causal, batch * H, H // Hkv, Sk, D, q.element_size())
     block_d = _block_d(D)
     use_tma = (rows >= _TMA_MIN_ROWS and batch * H * rows * Sk >= _TMA_MIN_SCORES
                and _tma_ok(q, k, v))
@@ -371,10 +390,10 @@ def forward_v2(
         q_src, k_src, v_src = q, k, v
     values, flags = args.kernel_args()
     _runtime.launch(
-        kernel, grid, device,
+        kernel, (n_tiles * batch * H,), device,
         (q_src, k_src, v_src, out, lse, mask, alibi, cu_q, cu_k,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
-         *mask_strides, *alibi_strides, H, H // Hkv, Sq, Sk, *values),
+         *mask_strides, *alibi_strides, n_tiles, order, H, H // Hkv, Sq, Sk, *values),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              IS_VARLEN=varlen, STORE_LSE=store_lse, USE_TMA=use_tma,
              DOT_PRECISION=_runtime.dot_precision(q.dtype, device), **flags),

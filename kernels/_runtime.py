@@ -267,9 +267,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 @functools.cache
-def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int, int]:
     props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
+    return (props.major, props.minor), props.multi_processor_count, props.L2_cache_size
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -284,3 +284,9 @@ def multiprocessors(device: torch.device) -> int:
     """Multiprocessor count of a CUDA device; cached."""
     index = torch.cuda.current_device() if device.index is None else device.index
     return _cuda_properties(index)[1]
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """L2 cache size of a CUDA device in bytes; cached."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_properties(index)[2]

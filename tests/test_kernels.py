@@ -240,6 +240,42 @@ def test_split_kv_merges_in_one_launch(splits, kv_heads, seqlen_q, monkeypatch):
     assert not _counters.counters(q.device, 1).any()
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_order_groups_cover_every_tile(group, causal, monkeypatch):
+    """V2's 1-D grid in ``common.tile_order``'s order, whatever the heads per group (here
+    B * H = 6: whole groups, a leading partial group, one group of all): every query tile of
+    every (batch, head) is computed once, into a NaN-filled output and lse."""
+    from kernels import _launch
+    from kernels.api import score_args
+
+    monkeypatch.setattr(_launch, "_order_group", lambda *a: group)
+    launches = spy_calls(monkeypatch, _launch._runtime, ("launch",))
+    q, k, v = make_qkv(2, 3, 45, 45, 24)  # three 16-row tiles of the interpreter's tile
+    args = score_args(q, k, causal=causal, softmax_scale=None, attn_mask=None,
+                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"))
+    _launch.forward_v2(q, k, v, out, lse, args)
+    ref, ref_lse = reference_attention(q, k, v, causal=causal)
+    assert_matches(out, ref, TOLERANCE[F32])
+    assert_lse_matches(lse, ref_lse, TOLERANCE[F32])
+    assert launches == ["launch"]
+
+
+def test_order_group_rule():
+    """Heads per ordering group: 1 without a causal mask; causal, the heads whose K/V fill
+    half the L2 cache (a GQA group's query heads share theirs), at least 1, at most all."""
+    from kernels._launch import _order_group
+
+    cpu = torch.device("cpu")  # the interpreter counts a 1 MiB cache
+    assert _order_group(cpu, False, 64, 1, 256, 64, 2) == 1
+    assert _order_group(cpu, True, 64, 1, 256, 64, 2) == (1 << 19) // (2 * 256 * 64 * 2)
+    assert _order_group(cpu, True, 64, 4, 256, 64, 2) == 4 * ((1 << 19) // (2 * 256 * 64 * 2))
+    assert _order_group(cpu, True, 3, 1, 16, 64, 2) == 3
+    assert _order_group(cpu, True, 64, 1, 1 << 16, 128, 4) == 1
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_empty_sequences(api):
     """Sk = 0: every row sees no key (out 0, lse -inf); Sq = 0: empty outputs."""

@@ -343,3 +343,27 @@ def key_range(start_m, n_rows, seqlen_q, seqlen_k, window_left, window_right,
     a = tl.minimum(tl.maximum(full_lo, lo), hi)
     c = tl.maximum(tl.minimum(full_hi, hi), a)
     return lo, a, c, hi
+
+
+@triton.jit
+def tile_order(n_tiles, group):
+    """(query tile, batch * head) of this program in a 1-D grid of n_tiles * B * H programs.
+    Heads go in groups of ``group`` (the remainder's group first); within a group, tile by
+    tile from the last to the first, every head of the group per tile. Under a causal mask
+    the last query tiles see the most keys, so each group runs its longest programs first
+    and leaves only short ones for the end of the grid; the programs running together read
+    the K/V of about ``group`` heads (the launcher sizes it to the L2 cache). group = 1:
+    head by head."""
+    pid = tl.program_id(0)
+    heads = tl.num_programs(0) // n_tiles
+    rest = heads % group
+    lead = rest * n_tiles  # programs of the leading partial group
+    if pid < lead:
+        size = rest
+        first = 0
+        local = pid
+    else:
+        size = group
+        first = rest + (pid - lead) // (group * n_tiles) * group
+        local = (pid - lead) % (group * n_tiles)
+    return n_tiles - 1 - local // size, first + local % size

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import LN2, LOG2E, MASK_BOOL, MASK_NONE, MASK_SCAN
+from .common import LN2, LOG2E, MASK_BOOL, MASK_NONE, MASK_SCAN, tile_order
 
 ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma's M)
 # Gluon calls renamed after triton 3.6 (3.9 raises on the old names): the TMA copies are
@@ -358,7 +358,7 @@ def _warpgroup2(ops, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, MASK_KIND: g
 def attention_fwd_hopper(
     q_desc, k_desc, v_desc, out_desc, out_ptr, lse_ptr, mask_ptr, q_rb, q_rh, q_ch, kv_nb,
     kv_nh, kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, mask_sb, mask_sh,
-    mask_sn, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+    mask_sn, n_tiles, order_group, H, GROUP, seqlen_q, seqlen_k, qk_scale,
     NC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
     MASK_KIND: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
@@ -372,17 +372,14 @@ def attention_fwd_hopper(
     out_sm, 1). lse (B, H, Sq) float32 with strides (lse_sb, lse_sh, 1) when STORE_LSE.
     With MASK_KIND, key s of (b, h) is masked by mask_ptr[b * mask_sb + h * mask_sh +
     s * mask_sn] (bool as uint8, or a float added to the scores).
-    Grid: (query tiles of 64 * NC rows, B * H); kernel num_warps 4 (warpgroup 0); the
+    Grid: (n_tiles * B * H,) of query tiles of 64 * NC rows, in ``common.tile_order``'s
+    order with groups of ``order_group`` heads; kernel num_warps 4 (warpgroup 0); the
     workers get CONSUMER_REGS registers per thread (the loader 24), warpgroup 0 what the
     kernel's maxnreg leaves."""
     BN: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = k_desc.block_type.shape[2]
     dtype: gl.constexpr = q_desc.dtype
-    n_tiles = gl.num_programs(0)
-    tile = gl.program_id(0)
-    if CAUSAL:  # the longest key ranges first, out of the final wave
-        tile = n_tiles - 1 - tile
-    bh = gl.program_id(1)
+    tile, bh = tile_order(n_tiles, order_group)
     b = bh // H
     h = bh % H
     m0 = tile * (NC * ROWS)

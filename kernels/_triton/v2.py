@@ -19,6 +19,7 @@ from .common import (
     key_range,
     load_tile,
     mask_key_bounds,
+    tile_order,
 )
 
 
@@ -32,7 +33,7 @@ def attention_fwd_v2(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
-    H, GROUP, Sq, Sk, qk_scale, softcap, window_left, window_right,
+    n_tiles, order_group, H, GROUP, Sq, Sk, qk_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -40,12 +41,10 @@ def attention_fwd_v2(
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Q, K, V are pointers, or (B, H, S, D) tensor descriptors with blocks [1, 1, BLOCK_*,
-    BLOCK_D] when USE_TMA; O, LSE, MASK, ALIBI are pointers."""
-    # Query blocks in reverse order: under a causal mask or a window the last blocks carry
-    # the most key blocks, and starting them first keeps them out of the final wave (longest
-    # job first); without one every block costs the same and the order does not matter.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    BLOCK_D] when USE_TMA; O, LSE, MASK, ALIBI are pointers. Grid: (n_tiles * B * H,), in
+    ``tile_order``'s order with groups of ``order_group`` heads."""
+    tile, pid_bh = tile_order(n_tiles, order_group)
+    start_m = tile * BLOCK_M
     seq = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
