@@ -24,13 +24,15 @@ from kernels import BackendSelector, _launch, api
 from kernels.api import score_args
 
 
-def shapes(seqs: list[int], head_dims: list[int]) -> list[tuple[int, int, int, int, int]]:
-    """(B, H, Hkv, S, D) rows: the attention table's causal shapes, then the batch-1 ones."""
+def shapes(seqs: list[int], head_dims: list[int], table: bool
+           ) -> list[tuple[int, int, int, int, int]]:
+    """(B, H, Hkv, S, D) rows: the attention table's causal shapes (if ``table``), then the
+    batch-1 ones."""
     rows = []
-    for d in head_dims:
+    for d in head_dims if table else []:
         for s in seqs:
             rows.append((32768 // s, 2048 // d, 2048 // d, s, d))
-    for s in seqs:
+    for s in seqs if table else []:
         rows.append((32768 // s, 32, 8, s, 128))
     for s in (2048, 8192):
         rows += [(1, 12, 12, s, 64), (1, 32, 8, s, 64)]
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--dtypes", nargs="+", default=["float16"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch1-only", action="store_true", help="skip the table's shapes")
     a = p.parse_args()
     rule = _launch._order_group
 
@@ -83,7 +86,7 @@ def main() -> None:
           "| grouped/cuDNN | by head/cuDNN | grouped/by head |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in a.dtypes:
-        for B, H, Hkv, S, D in shapes(a.seqs, a.head_dims):
+        for B, H, Hkv, S, D in shapes(a.seqs, a.head_dims, not a.batch1_only):
             row(getattr(torch, dtype_name), B, H, Hkv, S, D, a.rounds, ours, cudnn, rule)
 
 
@@ -109,7 +112,7 @@ def row(dtype: torch.dtype, B: int, H: int, Hkv: int, S: int, D: int, rounds: in
         for name, fn in calls.items():
             times[name].append(_time(fn, B == 1))
     tf = {name: flops / statistics.median(t) * 1e-9 for name, t in times.items()}
-    group = rule(device, True, B * H, H // Hkv, S, D, q.element_size())
+    group = rule(device, True, B * H, H // Hkv, S, S, D, q.element_size())
     print(f"| {str(dtype)[6:]} | {B} | {H} | {Hkv} | {S} | {D} | {group} "
           f"| {tf['grouped']:.0f} | {tf['by head']:.0f} | {tf['cudnn']:.0f} "
           f"| {tf['grouped'] / tf['cudnn']:.3f} | {tf['by head'] / tf['cudnn']:.3f} "

@@ -120,18 +120,26 @@ def _block_d(head_dim: int) -> int:
     return max(16, _next_pow2(head_dim))
 
 
-def _order_group(device: torch.device, causal: bool, heads: int, group: int, seqlen_k: int,
-                 head_dim: int, itemsize: int) -> int:
+def _order_group(device: torch.device, causal: bool, heads: int, group: int, seqlen_q: int,
+                 seqlen_k: int, head_dim: int, itemsize: int) -> int:
     """Heads per group of ``common.tile_order`` for ``heads`` = B * H query heads of GQA
-    ``group``. Without a causal mask every tile costs the same: 1, head by head, so that the
-    tiles of a head run together and share its K/V in the L2 cache. Causal: as many heads as
-    half the L2 cache holds the K/V of (the query heads of a GQA group share theirs), so that
-    the longest tiles of all of them start first and the grid ends on short tiles (simulated
-    tail of head-by-head order: 3% of a B*S = 32k grid, 15-30% at batch 1;
-    benchmarks/NOTES.md, "Nineteenth session"). The interpreter counts a 1 MiB cache."""
+    ``group``: 1 (head by head, so that the tiles of a head run together and share its K/V in
+    the L2 cache) unless the grid is causal and small, under 16 query tiles of 128 rows per
+    multiprocessor (the CPU counts 4 multiprocessors and a 1 MiB cache). There the longest
+    tiles of the last heads would run alone at the end, and a group holds as many heads as
+    half the L2 cache holds the K/V of (the query heads of a GQA group share theirs). H100,
+    2026-12-06, against head by head (benchmarks/NOTES.md, "Nineteenth session"): batch-1
+    prefill of GPT-2 (H12) and the Llama config (H32/8) at D 64, 1.07-1.20x at 2k and 8k
+    keys, 1.02-1.04x at 15.5 tiles per multiprocessor; from 31 (B*S = 32k grids) 0.93-1.04x,
+    where the heads' K/V no longer stay in the cache."""
     if not causal:
         return 1
-    cache = _runtime.l2_cache_bytes(device) if device.type == "cuda" else 1 << 20
+    if device.type == "cuda":
+        sms, cache = _runtime.multiprocessors(device), _runtime.l2_cache_bytes(device)
+    else:
+        sms, cache = 4, 1 << 20
+    if heads * _cdiv(seqlen_q, 128) >= 16 * sms:
+        return 1
     per_head = max(1, 2 * seqlen_k * head_dim * itemsize // group)
     return max(1, min(heads, cache // 2 // per_head))
 
@@ -340,7 +348,7 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     mask, mask_strides = args.mask_arg(out)
     n_tiles = _cdiv(Sq, 64 * cfg.consumers)
-    order = _order_group(device, args.causal, B * H, H // Hkv, Sk, D, q.element_size())
+    order = _order_group(device, args.causal, B * H, H // Hkv, Sq, Sk, D, q.element_size())
     _runtime.launch(
         kernel, (n_tiles * B * H,), device,
         (rows_descriptor(q, qv), keys_descriptor(k, kv), keys_descriptor(v, kv),
@@ -379,7 +387,8 @@ def forward_v2(
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     n_tiles = _cdiv(rows, cfg.block_m)
-    order = _order_group(device, args.causal, batch * H, H // Hkv, Sk, D, q.element_size())
+    order = _order_group(device, args.causal, batch * H, H // Hkv, rows, Sk, D,
+                         q.element_size())
     block_d = _block_d(D)
     use_tma = (rows >= _TMA_MIN_ROWS and batch * H * rows * Sk >= _TMA_MIN_SCORES
                and _tma_ok(q, k, v))

@@ -143,8 +143,8 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout, mask_kind):
      kv_nh, kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, mask_sb, mask_sh,
      mask_sn, n_tiles, order, heads, group, seqlen_q, seqlen_k, _) = call_args
     assert kernel == "hopper" and grid == (2 * B * H,) and (warps, maxnreg) == (4, 168)
-    assert n_tiles == 2 and order == _launch._order_group(q.device, True, B * H, H // Hkv, Sk,
-                                                          D, 2)
+    assert n_tiles == 2 and order == _launch._order_group(q.device, True, B * H, H // Hkv, Sq,
+                                                          Sk, D, 2)
     assert constexprs["CAUSAL"] and constexprs["STORE_LSE"]
     assert constexprs["MASK_KIND"] == mask_kind
     if mask is not None:

@@ -264,16 +264,21 @@ def test_tile_order_groups_cover_every_tile(group, causal, monkeypatch):
 
 
 def test_order_group_rule():
-    """Heads per ordering group: 1 without a causal mask; causal, the heads whose K/V fill
-    half the L2 cache (a GQA group's query heads share theirs), at least 1, at most all."""
+    """Heads per ordering group: 1 without a causal mask or on a grid of 16 query tiles of 128
+    rows per multiprocessor or more; below, the heads whose K/V fill half the L2 cache (a GQA
+    group's query heads share theirs), at least 1, at most all (the CPU counts 4
+    multiprocessors and a 1 MiB cache)."""
     from kernels._launch import _order_group
 
-    cpu = torch.device("cpu")  # the interpreter counts a 1 MiB cache
-    assert _order_group(cpu, False, 64, 1, 256, 64, 2) == 1
-    assert _order_group(cpu, True, 64, 1, 256, 64, 2) == (1 << 19) // (2 * 256 * 64 * 2)
-    assert _order_group(cpu, True, 64, 4, 256, 64, 2) == 4 * ((1 << 19) // (2 * 256 * 64 * 2))
-    assert _order_group(cpu, True, 3, 1, 16, 64, 2) == 3
-    assert _order_group(cpu, True, 64, 1, 1 << 16, 128, 4) == 1
+    cpu = torch.device("cpu")
+    per_head = 2 * 256 * 64 * 2  # K and V of 256 keys at head_dim 64, fp16
+    assert _order_group(cpu, False, 48, 1, 128, 256, 64, 2) == 1
+    assert _order_group(cpu, True, 48, 1, 128, 256, 64, 2) == (1 << 19) // per_head
+    assert _order_group(cpu, True, 48, 4, 128, 256, 64, 2) == 4 * ((1 << 19) // per_head)
+    assert _order_group(cpu, True, 3, 1, 128, 16, 64, 2) == 3
+    assert _order_group(cpu, True, 32, 1, 256, 256, 64, 2) == 1  # 64 tiles: 16 per SM
+    assert _order_group(cpu, True, 31, 1, 256, 256, 64, 2) == (1 << 19) // per_head
+    assert _order_group(cpu, True, 3, 1, 128, 1 << 16, 128, 4) == 1
 
 
 @pytest.mark.parametrize("api", APIS)
