@@ -21,14 +21,14 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import _launch, _plan, _runtime, flash_attention, flash_attention_v2
+from kernels import _plan, _runtime, flash_attention, flash_attention_v2
 from kernels.api import attention
 from kernels.selector import SelectedKernel
 
 
-def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> float:
+def best_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
     """Best mean time per call over ``rounds`` rounds of ``calls`` calls, in microseconds."""
-    for _ in range(300):
+    for _ in range(min(300, calls)):
         fn()
     best = float("inf")
     for _ in range(rounds):
@@ -39,17 +39,30 @@ def best_us(fn: Callable[[], object], calls: int = 4000, rounds: int = 5) -> flo
     return best
 
 
-def _stub_launch(kernel, grid, device, args, constexprs, num_warps, num_stages) -> None:
+def _stub_launch(kernel, grid, device, args, constexprs, num_warps, num_stages,
+                 maxnreg=None) -> None:
+    """``_runtime.launch`` without the launch: it only reports to the active recorder."""
     recorder = _plan.active_recorder()
     if recorder is not None:
-        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages))
+        recorder.calls.append((kernel, grid, args, constexprs, num_warps, num_stages, maxnreg))
         if not recorder.dry:
-            recorder.launches.append(recorder.calls[-1])
+            recorder.launches.append((kernel, grid, args, constexprs, num_warps, num_stages))
 
 
-def main() -> None:
-    _runtime.launch = _launch.launch = _stub_launch
+def main(calls: int = 4000, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Time every case (best of ``rounds`` means over ``calls`` calls), print and return
+    {case: (us replayed, us general path)}. The launch stubs and the plans switch are undone
+    on return."""
+    saved = _runtime.launch, _runtime.replay_launch, _plan.signature
+    _runtime.launch = _stub_launch  # kernels._launch calls it through the module
     _runtime.replay_launch = lambda step, device, args: None
+    try:
+        return _time_cases(calls, rounds)
+    finally:
+        _runtime.launch, _runtime.replay_launch, _plan.signature = saved
+
+
+def _time_cases(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
     q = torch.randn(1, 12, 1, 64, dtype=torch.float16)
     k = torch.randn(1, 12, 300, 64, dtype=torch.float16)
     v = torch.randn_like(k)
@@ -83,15 +96,18 @@ def main() -> None:
         "flash_attention_v2 (BSHD)": lambda: flash_attention_v2(q2, k2, v2),
         "flash_attention_v2, return_lse=True": lambda: flash_attention_v2(q2, k2, v2,
                                                                            return_lse=True),
-        "split-KV decode (B1 H32/8 Sq1 Sk1k D128), two launches": lambda: splitkv(qd, kd, kd),
+        "split-KV decode (B1 H32/8 Sq1 Sk1k D128, several splits)": lambda: splitkv(qd, kd, kd),
     }
     signature = _plan.signature
+    times = {}
     for name, fn in cases.items():
-        replayed = best_us(fn)
+        replayed = best_us(fn, calls, rounds)
         _plan.signature = lambda *args, **kw: None  # plans off: the general path every call
-        general = best_us(fn)
+        general = best_us(fn, calls, rounds)
         _plan.signature = signature
+        times[name] = replayed, general
         print(f"{name}: {replayed:.1f} us replayed, {general:.1f} us general path", flush=True)
+    return times
 
 
 if __name__ == "__main__":

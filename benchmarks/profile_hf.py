@@ -75,17 +75,21 @@ def launcher_calls() -> None:
 
 
 def attention_calls() -> None:
-    """One GPT-2 decode call (B1, H12, Sk 300, D64, fp16) through each attention function."""
+    """One decode call (Sk 300, D64, fp16) through each attention function, back to back: the
+    GPT-2 shape (H12) and the Llama config's (H32, Hkv 8), at batch 1 and 16."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     module.is_causal = True
-    q = torch.randn(1, 12, 1, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 12, 300, 64, device="cuda", dtype=torch.float16)
-    v = torch.randn_like(k)
-    for name, fn in (("triton_fa", triton_fa_attention), ("sdpa", sdpa_attention_forward)):
-        print(f"{name} attention function: {per_call_us(lambda f=fn: f(module, q, k, v, None)):.1f}"
-              f" us per call", flush=True)
+    for batch, heads, kv_heads in ((1, 12, 12), (16, 12, 12), (1, 32, 8), (16, 32, 8)):
+        q = torch.randn(batch, heads, 1, 64, device="cuda", dtype=torch.float16)
+        k = torch.randn(batch, kv_heads, 300, 64, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        module.num_key_value_groups = heads // kv_heads  # read by transformers' sdpa function
+        for name, fn in (("triton_fa", triton_fa_attention), ("sdpa", sdpa_attention_forward)):
+            us = per_call_us(lambda f=fn, q=q, k=k, v=v: f(module, q, k, v, None))
+            print(f"B{batch} H{heads}/{kv_heads} {name} attention function: {us:.1f} us per call",
+                  flush=True)
     _cprofile(lambda: [triton_fa_attention(module, q, k, v, None) for _ in range(200)], 12)
 
 
@@ -97,6 +101,29 @@ def eager_generate() -> None:
     with patch_hf_model(model):
         model.generate(prompts, **options)
         _cprofile(lambda: model.generate(prompts, **options), 20)
+
+
+def batch_generate() -> None:
+    """GPT-2 greedy generation at batch 16 (bench_hf's batch-16 row, 64 new tokens), triton_fa
+    and sdpa: wall time per step, GPU kernels, and the host's costliest functions."""
+    model = build_model("gpt2", torch.device("cuda"))
+    prompts = torch.randint(0, 50000, (16, 128), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=64,
+                   min_new_tokens=64, pad_token_id=0, cache_implementation="dynamic")
+    for impl in ("triton_fa", "sdpa"):
+        handle = patch_hf_model(model) if impl == "triton_fa" else None
+        for _ in range(2):
+            model.generate(prompts, **options)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompts, **options)
+        torch.cuda.synchronize()
+        print(f"== {impl}: {1e3 * (time.perf_counter() - start) / 64:.3f} ms per step",
+              flush=True)
+        _kernel_table(lambda m=model: m.generate(prompts, **options))
+        _cprofile(lambda m=model: m.generate(prompts, **options), 25)
+        if handle is not None:
+            handle.restore()
 
 
 def _static_llama(new_tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict]:
@@ -124,18 +151,22 @@ def static_generate() -> None:
 
 
 def prefill_profile() -> None:
-    """GPU kernel times of one GPT-2 prefill (2k tokens) with triton_fa and with sdpa."""
-    model = build_model("gpt2", torch.device("cuda"))
-    ids = torch.randint(0, 50000, (1, 2048), device="cuda")
-    for impl in ("triton_fa", "sdpa"):
-        handle = patch_hf_model(model) if impl == "triton_fa" else None
-        with torch.no_grad():
-            for _ in range(2):
-                model(ids, use_cache=False, logits_to_keep=1)
-            print(f"== {impl}")
-            _kernel_table(lambda: model(ids, use_cache=False, logits_to_keep=1))
-        if handle is not None:
-            handle.restore()
+    """GPU kernel times of one prefill with triton_fa and with sdpa: GPT-2 at 2k and 8k
+    tokens, the Llama config at 2k (the rows of issue 5 nearest to parity)."""
+    for name, length in (("gpt2", 2048), ("gpt2", 8192), ("llama", 2048)):
+        model = build_model(name, torch.device("cuda"))
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+        for impl in ("triton_fa", "sdpa"):
+            handle = patch_hf_model(model) if impl == "triton_fa" else None
+            with torch.no_grad():
+                for _ in range(2):
+                    model(ids, use_cache=False, logits_to_keep=1)
+                print(f"== {name} {length} tokens, {impl}")
+                _kernel_table(lambda m=model, ids=ids: m(ids, use_cache=False, logits_to_keep=1))
+            if handle is not None:
+                handle.restore()
+        del model
+        torch.cuda.empty_cache()
 
 
 def encoder_profile() -> None:

@@ -291,9 +291,10 @@ def hopper_covers(capability: tuple[int, int], q: torch.Tensor, k: torch.Tensor,
     """The Hopper kernel's rule, given the device's capability (a pure function of the call,
     tested on the CPU): sm_90, fp16/bf16, head_dim 128 or 256, no window, softcap or ALiBi, no
     mask or one whose every query row is the same key vector (key padding), causal only with
-    Sq <= Sk (every row then sees a key unless the mask hides them), at least one key (the consumers would wait for a
-    first block forever), q a ``row_view`` and k, v one ``key_view``, and calls of at least
-    ``_HOPPER_MIN_WORK`` (B * H * Sq * Sk * D): descriptors cost host time."""
+    Sq <= Sk (every row then sees a key unless the mask hides them), at least one key (the
+    consumers would wait for a first block forever), q a ``row_view`` and k, v one
+    ``key_view``, and calls of at least ``_HOPPER_MIN_WORK`` (B * H * Sq * Sk * D):
+    descriptors cost host time."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     if capability != (9, 0) or q.dtype not in (torch.float16, torch.bfloat16):
