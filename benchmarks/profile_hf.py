@@ -126,6 +126,34 @@ def batch_generate() -> None:
             handle.restore()
 
 
+def step_attribution() -> None:
+    """Batch-16 greedy generation (bench_hf's row) with triton_fa, sdpa and a no-op attention
+    (returns the query as its output: no kernel), medians of round-robin runs: what the
+    attention call costs each implementation inside a host-bound decoding step."""
+    from bench_hf import interleaved_medians
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def noop_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register("noop_attention", noop_attention)
+    AttentionMaskInterface.register("noop_attention", sdpa_mask)
+    for name, repeats in (("gpt2", 9), ("llama", 5)):
+        model = build_model(name, torch.device("cuda"))
+        prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
+        options = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
+                       max_new_tokens=256, min_new_tokens=256, pad_token_id=0,
+                       cache_implementation="dynamic")
+        medians = interleaved_medians(model, ["triton_fa", "sdpa", "noop_attention"],
+                                      lambda m=model, p=prompts, o=options: m.generate(p, **o),
+                                      repeats)
+        print(name, {impl: f"{1e3 * t / 256:.3f} ms per step" for impl, t in medians.items()},
+              flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
 def _static_llama(new_tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     """bench_hf's Llama config, one random 128-token prompt, and greedy static-cache
     generate() options for ``new_tokens`` tokens."""
