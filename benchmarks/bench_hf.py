@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import statistics
 import sys
 import time
@@ -56,7 +57,10 @@ def build_model(name: str, device: torch.device) -> torch.nn.Module:
 
 
 def seconds(fn: Callable[[], object]) -> float:
-    """Wall time of one ``fn()``, the GPU drained before and after."""
+    """Wall time of one ``fn()``, the GPU drained before and after. Every run starts from an
+    empty garbage collector (a full collection first, untimed), so that a collection that the
+    previous runs provoked does not land in this one's time; the ones it provokes do."""
+    gc.collect()
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
