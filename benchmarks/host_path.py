@@ -51,15 +51,18 @@ def _stub_launch(kernel, grid, device, args, constexprs, num_warps, num_stages,
 
 def main(calls: int = 4000, rounds: int = 5) -> dict[str, tuple[float, float]]:
     """Time every case (best of ``rounds`` means over ``calls`` calls), print and return
-    {case: (us replayed, us general path)}. The launch stubs and the plans switch are undone
-    on return."""
+    {case: (us replayed, us general path)}. On return the launch stubs and the plans switch
+    are undone, and the plan store holds what it held before (none of the stubs' plans)."""
     saved = _runtime.launch, _runtime.replay_launch, _plan.signature
+    saved_plans = dict(_plan._plans)
     _runtime.launch = _stub_launch  # kernels._launch calls it through the module
     _runtime.replay_launch = lambda step, device, args: None
     try:
         return _time_cases(calls, rounds)
     finally:
         _runtime.launch, _runtime.replay_launch, _plan.signature = saved
+        _plan._plans.clear()
+        _plan._plans.update(saved_plans)
 
 
 def _time_cases(calls: int, rounds: int) -> dict[str, tuple[float, float]]:

@@ -23,7 +23,7 @@ def test_gpu_all_runs_every_file_with_gpu_tests():
 def test_host_path_harness_runs():
     """``benchmarks/host_path.py`` stubs ``_runtime.launch`` with a function of its own: the
     stub keeps the real signature, the harness times every case on the CPU, and it leaves the
-    launcher as it found it."""
+    launcher and the plan store as it found them."""
     import importlib.util
     import inspect
 
@@ -35,9 +35,9 @@ def test_host_path_harness_runs():
     spec.loader.exec_module(host_path)
     assert (list(inspect.signature(host_path._stub_launch).parameters)
             == list(inspect.signature(_runtime.launch).parameters))
-    before = _runtime.launch, _runtime.replay_launch, _plan.signature
+    before = _runtime.launch, _runtime.replay_launch, _plan.signature, dict(_plan._plans)
     times = host_path.main(calls=2, rounds=1)
-    assert (_runtime.launch, _runtime.replay_launch, _plan.signature) == before
+    assert (_runtime.launch, _runtime.replay_launch, _plan.signature, _plan._plans) == before
     assert len(times) == 7 and all(t > 0 for pair in times.values() for t in pair)
 
 
