@@ -90,6 +90,14 @@ def attention_implementation(model: torch.nn.Module, impl: str) -> Iterator[None
             model.set_attn_implementation("sdpa")
 
 
+def generate_options(prompts: torch.Tensor, new_tokens: int) -> dict:
+    """``generate()`` keyword arguments of the generation rows: greedy, exactly
+    ``new_tokens`` new tokens, a DynamicCache, ``prompts`` (B, S) unpadded."""
+    return dict(attention_mask=torch.ones_like(prompts), do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                cache_implementation="dynamic")
+
+
 def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
                         repeats: int) -> dict[str, float]:
     """Median wall time of ``fn`` per implementation, timed round-robin: one warm-up run
@@ -129,9 +137,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
                 rows[impl][f"prefill_{length}"] = 1e3 * t
     for batch in args.batch_sizes:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
-        options = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
-                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                       pad_token_id=0, cache_implementation="dynamic")
+        options = generate_options(prompts, args.new_tokens)
         print(f"{name} generate batch {batch} ...", flush=True)
         def generate(m=model, p=prompts, o=options):
             return m.generate(p, **o)

@@ -15,7 +15,7 @@ import pstats
 import time
 
 import torch
-from bench_hf import build_model
+from bench_hf import build_model, generate_options
 from torch._dynamo.utils import counters
 
 from flashattn_modules import patch_hf_model
@@ -108,8 +108,7 @@ def batch_generate() -> None:
     and sdpa: wall time per step, GPU kernels, and the host's costliest functions."""
     model = build_model("gpt2", torch.device("cuda"))
     prompts = torch.randint(0, 50000, (16, 128), device="cuda")
-    options = dict(attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=64,
-                   min_new_tokens=64, pad_token_id=0, cache_implementation="dynamic")
+    options = generate_options(prompts, 64)
     for impl in ("triton_fa", "sdpa"):
         handle = patch_hf_model(model) if impl == "triton_fa" else None
         for _ in range(2):
@@ -142,9 +141,7 @@ def step_attribution() -> None:
     for name, repeats in (("gpt2", 9), ("llama", 5)):
         model = build_model(name, torch.device("cuda"))
         prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
-        options = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
-                       max_new_tokens=256, min_new_tokens=256, pad_token_id=0,
-                       cache_implementation="dynamic")
+        options = generate_options(prompts, 256)
         medians = interleaved_medians(model, ["triton_fa", "sdpa", "noop_attention"],
                                       lambda m=model, p=prompts, o=options: m.generate(p, **o),
                                       repeats)
