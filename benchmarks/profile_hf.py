@@ -151,6 +151,39 @@ def step_attribution() -> None:
         torch.cuda.empty_cache()
 
 
+def collector_generate() -> None:
+    """Batch-16 greedy generation (bench_hf's row), triton_fa against sdpa round-robin, with
+    Python's garbage collector running as usual and then switched off during each timed run:
+    whether the collections that a run provokes weigh on one implementation more."""
+    import gc
+
+    from bench_hf import interleaved_medians
+
+    for name in ("gpt2", "llama"):
+        model = build_model(name, torch.device("cuda"))
+        prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
+        options = generate_options(prompts, 256)
+
+        def generate(m=model, p=prompts, o=options):
+            return m.generate(p, **o)
+
+        def without_collector(fn=generate):
+            gc.disable()
+            try:
+                return fn()
+            finally:
+                gc.enable()
+
+        for label, fn in (("collector on", generate), ("collector off", without_collector)):
+            medians = interleaved_medians(model, ["triton_fa", "sdpa"], fn, 7)
+            rates = {impl: 16 * 256 / t for impl, t in medians.items()}
+            print(f"{name} b16, {label}: " + ", ".join(f"{impl} {r:.0f} tok/s"
+                                                      for impl, r in rates.items())
+                  + f", ratio {rates['triton_fa'] / rates['sdpa']:.3f}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
 def _static_llama(new_tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     """bench_hf's Llama config, one random 128-token prompt, and greedy static-cache
     generate() options for ``new_tokens`` tokens."""
