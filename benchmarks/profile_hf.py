@@ -151,15 +151,16 @@ def step_attribution() -> None:
         torch.cuda.empty_cache()
 
 
-def collector_generate() -> None:
-    """Batch-16 greedy generation (bench_hf's row), triton_fa against sdpa round-robin, with
-    Python's garbage collector running as usual and then switched off during each timed run:
-    whether the collections that a run provokes weigh on one implementation more."""
+def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
+    """Batch-16 greedy generation (bench_hf's row) of each of ``models``, triton_fa against
+    sdpa round-robin, with Python's garbage collector running as usual and then switched off
+    during each timed run: whether the collections that a run provokes weigh on one
+    implementation more."""
     import gc
 
     from bench_hf import interleaved_medians
 
-    for name in ("gpt2", "llama"):
+    for name in models:
         model = build_model(name, torch.device("cuda"))
         prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
         options = generate_options(prompts, 256)
