@@ -13,6 +13,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import time
+from collections.abc import Callable
 
 import torch
 from bench_hf import build_model, generate_options
@@ -125,6 +126,15 @@ def batch_generate() -> None:
             handle.restore()
 
 
+def _batch16_generation(name: str) -> tuple[torch.nn.Module, Callable[[], object]]:
+    """bench_hf's model ``name`` on the GPU and its batch-16 generation row as a callable:
+    greedy, 128-token random prompts, 256 new tokens, a DynamicCache."""
+    model = build_model(name, torch.device("cuda"))
+    prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
+    options = generate_options(prompts, 256)
+    return model, lambda: model.generate(prompts, **options)
+
+
 def step_attribution() -> None:
     """Batch-16 greedy generation (bench_hf's row) with triton_fa, sdpa and a no-op attention
     (returns the query as its output: no kernel), medians of round-robin runs: what the
@@ -139,15 +149,12 @@ def step_attribution() -> None:
     AttentionInterface.register("noop_attention", noop_attention)
     AttentionMaskInterface.register("noop_attention", sdpa_mask)
     for name, repeats in (("gpt2", 9), ("llama", 5)):
-        model = build_model(name, torch.device("cuda"))
-        prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
-        options = generate_options(prompts, 256)
-        medians = interleaved_medians(model, ["triton_fa", "sdpa", "noop_attention"],
-                                      lambda m=model, p=prompts, o=options: m.generate(p, **o),
+        model, generate = _batch16_generation(name)
+        medians = interleaved_medians(model, ["triton_fa", "sdpa", "noop_attention"], generate,
                                       repeats)
         print(name, {impl: f"{1e3 * t / 256:.3f} ms per step" for impl, t in medians.items()},
               flush=True)
-        del model
+        del model, generate  # the callable holds the model too
         torch.cuda.empty_cache()
 
 
@@ -161,12 +168,7 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
     from bench_hf import interleaved_medians
 
     for name in models:
-        model = build_model(name, torch.device("cuda"))
-        prompts = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
-        options = generate_options(prompts, 256)
-
-        def generate(m=model, p=prompts, o=options):
-            return m.generate(p, **o)
+        model, generate = _batch16_generation(name)
 
         def without_collector(fn=generate):
             gc.disable()
@@ -181,7 +183,7 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
             print(f"{name} b16, {label}: " + ", ".join(f"{impl} {r:.0f} tok/s"
                                                       for impl, r in rates.items())
                   + f", ratio {rates['triton_fa'] / rates['sdpa']:.3f}", flush=True)
-        del model
+        del model, generate, without_collector, fn  # the callables hold the model too
         torch.cuda.empty_cache()
 
 
