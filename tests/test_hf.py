@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,25 @@ def test_output_attentions_raises():
     model = AutoModelForCausalLM.from_config(_llama(), attn_implementation="triton_fa")
     with pytest.raises(ValueError, match="output_attentions"):
         model(torch.randint(3, VOCAB, (1, 4)), output_attentions=True)
+
+
+def test_output_attentions_in_config_raises():
+    # set while the model ran eager, then switched: only the layers' config says it
+    model = _causal_lm(_llama())
+    model.config.output_attentions = True
+    model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(torch.randint(3, VOCAB, (1, 4)))
+    model.config.output_attentions = False  # the flag is read at every call
+    assert model(torch.randint(3, VOCAB, (1, 4))).logits.isfinite().all()
+    # a layer whose config is of another class (no transformers property storage)
+    q, k, v = _qkv(2, 5, 5)
+    layer = _Layer(True)
+    layer.config = types.SimpleNamespace(output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions"):
+        hf.triton_fa_attention(layer, q, k, v, None)
+    layer.config.output_attentions = False
+    assert hf.triton_fa_attention(layer, q, k, v, None)[0].isfinite().all()
 
 
 def test_training_dropout_raises_and_gradients_match(calls):
