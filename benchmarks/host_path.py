@@ -56,7 +56,7 @@ def main(calls: int = 4000, rounds: int = 5) -> dict[str, tuple[float, float]]:
     saved = _runtime.launch, _runtime.replay_launch, _plan.signature
     saved_plans = dict(_plan._plans)
     _runtime.launch = _stub_launch  # kernels._launch calls it through the module
-    _runtime.replay_launch = lambda step, device, args: None
+    _runtime.replay_launch = lambda step, cuda_index, args: None
     try:
         return _time_cases(calls, rounds)
     finally:

@@ -167,16 +167,20 @@ def _launch_cuda(kernel, grid, device, args, constexprs, num_warps, num_stages, 
     return compiled, grid3, full_args, {}, num_warps, num_stages
 
 
-def run_compiled(compiled, grid3: tuple[int, int, int], args: tuple | list) -> None:
+def run_compiled(compiled, grid3: tuple[int, int, int], args: tuple | list,
+                 device_index: int | None = None) -> None:
     """Launch a compiled kernel through its launcher on the current device and stream;
-    ``args`` are all its arguments, constexpr values included, in order."""
+    ``args`` are all its arguments, constexpr values included, in order. ``device_index``:
+    the current device when the caller knows it (None: asked for here)."""
     if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(
             triton.knobs.runtime.launch_exit_hook):
         # a profiler's hooks want their launch metadata: Triton's own runner builds it
         compiled[grid3](*args)
         return
     driver = triton.runtime.driver.active
-    stream = driver.get_current_stream(driver.get_current_device())
+    if device_index is None:
+        device_index = driver.get_current_device()
+    stream = driver.get_current_stream(device_index)
     direct = _direct.get(compiled)
     if direct is None:
         direct = _direct[compiled] = _direct_launch(compiled)
@@ -209,13 +213,23 @@ def _direct_launch(compiled) -> tuple | bool:
             launcher.launch_pdl, compiled.packed_metadata)
 
 
-def replay_launch(step, device: torch.device, args: list) -> None:
-    """Launch one recorded ``kernels._plan.Step`` with this call's ``args``."""
-    if device.type != "cuda":
-        launch(step.runner, step.grid, device, tuple(args), step.constexprs, step.num_warps,
+_CPU = torch.device("cpu")
+
+
+def replay_launch(step, cuda_index: int | None, args: list) -> None:
+    """Launch one recorded ``kernels._plan.Step`` with this call's ``args`` on CUDA device
+    ``cuda_index`` (made current for the launch if it is not), or through the interpreter
+    (None: CPU tensors). The plan was recorded by a CUDA launch of this process, so the
+    device query is torch's own, without ``torch.cuda.current_device``'s initialisation
+    check (about 0.3 us a call)."""
+    if cuda_index is None:
+        launch(step.runner, step.grid, _CPU, tuple(args), step.constexprs, step.num_warps,
                step.num_stages)
+    elif cuda_index == torch._C._cuda_getDevice():
+        run_compiled(step.runner, step.grid, args, cuda_index)
     else:
-        _on_device(device, run_compiled, step.runner, step.grid, args)
+        with torch.cuda.device(cuda_index):
+            run_compiled(step.runner, step.grid, args, cuda_index)
 
 
 def _on_device(device: torch.device, fn, *args):
