@@ -169,12 +169,16 @@ def _config_output_attentions(module: torch.nn.Module) -> bool:
     keeps it behind a property of a config class whose ``__getattribute__`` is written in
     Python: reading it that way costs about 2.8 us on our CPU host, more than the rest of a
     decode call's checks, at every layer of every step. Its storage, ``_output_attentions``
-    in the instance dict, is read directly when it is there (0.2 us)."""
+    in the instance dict, is read directly when it is there (0.2 us); torch.compile, which
+    cannot trace that read and pays nothing for the property in its graph, takes the
+    attribute."""
     config = getattr(module, "config", None)
-    try:
-        return bool(object.__getattribute__(config, "__dict__")["_output_attentions"])
-    except (AttributeError, KeyError):  # no config, or another config class
-        return bool(getattr(config, "output_attentions", False))
+    if not torch.compiler.is_compiling():
+        try:
+            return bool(object.__getattribute__(config, "__dict__")["_output_attentions"])
+        except (AttributeError, KeyError):  # no config, or another config class
+            pass
+    return bool(getattr(config, "output_attentions", False))
 
 
 # ----------------------------------------------------------------------------- registration
