@@ -10,6 +10,8 @@ path's specialisation key of about 45 arguments and the CUDA caching allocator o
 NOTES.md, "Host overhead"). Shapes: a GPT-2 decode step (B1 H12 Sq1 Sk300 D64, fp16), also on
 a cache that grows by one key per call (one growing-cache plan family per specialisation),
 and a split-KV decode call (B1 H32 Hkv8 Sq1 Sk1k D128: its family keeps plans by key length).
+Before them, the checks that ``flashattn_modules.hf.triton_fa_attention`` runs on every call
+of a patched model, on a GPT-2 layer with the keyword arguments GPT-2's generation passes.
 
     PYTHONPATH=. python benchmarks/host_path.py
 """
@@ -58,11 +60,26 @@ def main(calls: int = 4000, rounds: int = 5) -> dict[str, tuple[float, float]]:
     _runtime.launch = _stub_launch  # kernels._launch calls it through the module
     _runtime.replay_launch = lambda step, cuda_index, args: None
     try:
+        print(f"patched layer's checks (GPT-2 layer, generation's kwargs): "
+              f"{layer_checks_us(calls, rounds):.1f} us", flush=True)
         return _time_cases(calls, rounds)
     finally:
         _runtime.launch, _runtime.replay_launch, _plan.signature = saved
         _plan._plans.clear()
         _plan._plans.update(saved_plans)
+
+
+def layer_checks_us(calls: int, rounds: int) -> float:
+    """Time of ``hf._check_call`` (kwargs, dropout, the layer config's output_attentions) on
+    a one-layer GPT-2's attention layer, with the kwargs that its generation passes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flashattn_modules import hf
+
+    layer = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4)).transformer.h[0].attn
+    query = torch.randn(16, 4, 1, 16, dtype=torch.float16)
+    kwargs = {"use_cache": True, "position_ids": torch.arange(1)}
+    return best_us(lambda: hf._check_call(layer, query, None, 0.0, kwargs), calls, rounds)
 
 
 def _time_cases(calls: int, rounds: int) -> dict[str, tuple[float, float]]:
