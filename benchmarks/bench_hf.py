@@ -12,6 +12,9 @@ layers, 32 heads, 8 KV heads, vocab 32000, 8192 positions, bf16). For each imple
 Times are medians of --repeats runs (default 5; fewer fit a tight time budget), taken
 round-robin over the implementations after one warm-up run of each (the order rotated every
 round), so that drifts of the host's or the GPU's clocks fall on every implementation alike.
+A second table gives, for every timed measurement, sdpa's time over triton_fa's within each
+round (median, min and max over the rounds): a ratio paired by round, which cancels what
+drifts between rounds (a noisy host moves whole runs by 10% and more).
 
     PYTHONPATH=. python benchmarks/bench_hf.py --out benchmarks/RESULTS.md
 
@@ -98,11 +101,12 @@ def generate_options(prompts: torch.Tensor, new_tokens: int) -> dict:
                 cache_implementation="dynamic")
 
 
-def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
-                        repeats: int) -> dict[str, float]:
-    """Median wall time of ``fn`` per implementation, timed round-robin: one warm-up run
-    each, then ``repeats`` rounds that run every implementation once, the order rotated each
-    round, so that drifts of the host or GPU clocks fall on all of them alike."""
+def interleaved_times(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
+                      repeats: int) -> dict[str, list[float]]:
+    """Wall times of ``fn`` per implementation, timed round-robin: one warm-up run each, then
+    ``repeats`` rounds that run every implementation once, the order rotated each round, so
+    that drifts of the host or GPU clocks fall on all of them alike. Entry r of every list is
+    round r."""
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for round_ in range(-1, repeats):
         shift = max(round_, 0) % len(impls)
@@ -111,14 +115,37 @@ def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[
                 elapsed = seconds(fn)
             if round_ >= 0:
                 times[impl].append(elapsed)
+    return times
+
+
+def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
+                        repeats: int) -> dict[str, float]:
+    """Median of ``interleaved_times`` per implementation."""
+    times = interleaved_times(model, impls, fn, repeats)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Every measurement of one model, for every implementation of ``args.impls``."""
+def paired_speedups(times: dict[str, list[float]]) -> tuple[float, float, float] | None:
+    """sdpa's time over triton_fa's in each round of ``interleaved_times`` (above 1: ours
+    faster) as (median, min, max); None unless both were timed. A ratio taken within a round
+    cancels what drifts between rounds, which a ratio of two medians does not."""
+    if "triton_fa" not in times or "sdpa" not in times:
+        return None
+    ratios = sorted(s / t for s, t in zip(times["sdpa"], times["triton_fa"], strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+Speedups = dict[str, tuple[float, float, float] | None]
+
+
+def run_model(name: str, args: argparse.Namespace,
+              device: torch.device) -> tuple[list[dict], Speedups]:
+    """Every measurement of one model, for every implementation of ``args.impls``: a row per
+    implementation, and ``paired_speedups`` per timed measurement (named as in the table)."""
     model = build_model(name, device)
     vocab = model.config.vocab_size
     rows = {impl: {"model": name, "impl": impl} for impl in args.impls}
+    speedups: Speedups = {}
     prompt_2k = torch.randint(0, vocab, (1, 2048), device=device)
     with torch.no_grad():
         reference = model(prompt_2k, use_cache=False).logits.float()  # SDPA
@@ -132,9 +159,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
             def prefill(m=model, ids=ids):
                 return m(ids, use_cache=False, logits_to_keep=1)
 
-            medians = interleaved_medians(model, args.impls, prefill, args.repeats)
-            for impl, t in medians.items():
-                rows[impl][f"prefill_{length}"] = 1e3 * t
+            times = interleaved_times(model, args.impls, prefill, args.repeats)
+            for impl, t in times.items():
+                rows[impl][f"prefill_{length}"] = 1e3 * statistics.median(t)
+            speedups[f"prefill {length}"] = paired_speedups(times)
     for batch in args.batch_sizes:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
         options = generate_options(prompts, args.new_tokens)
@@ -142,15 +170,16 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> list
         def generate(m=model, p=prompts, o=options):
             return m.generate(p, **o)
 
-        medians = interleaved_medians(model, args.impls, generate, args.repeats)
-        for impl, t in medians.items():
-            rows[impl][f"gen_b{batch}"] = batch * args.new_tokens / t
+        times = interleaved_times(model, args.impls, generate, args.repeats)
+        for impl, t in times.items():
+            rows[impl][f"gen_b{batch}"] = batch * args.new_tokens / statistics.median(t)
+        speedups[f"generate b{batch}"] = paired_speedups(times)
     for row in rows.values():
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)
     del model
     torch.cuda.empty_cache()
-    return list(rows.values())
+    return list(rows.values()), speedups
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -165,6 +194,17 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "-"
                                        for key, _, fmt in cols) + " |")
     return "\n".join(lines)
+
+
+def format_speedups(speedups: dict[str, Speedups], args: argparse.Namespace) -> str:
+    """The per-round speedups of triton_fa over sdpa (``paired_speedups``) of every model, as a
+    markdown table; empty unless both were timed."""
+    lines = [f"| model | measurement | sdpa time / triton_fa time, median of {args.repeats} "
+             "rounds | min | max |", "|---|---|---|---|---|"]
+    for model, by_name in speedups.items():
+        lines += ["| " + " | ".join([model, name] + [f"{r:.3f}" for r in ratio]) + " |"
+                  for name, ratio in by_name.items() if ratio is not None]
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def header(args: argparse.Namespace) -> str:
@@ -198,8 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_hf.py needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
-    rows = [row for name in args.models for row in run_model(name, args, device)]
+    rows, speedups = [], {}
+    for name in args.models:
+        model_rows, speedups[name] = run_model(name, args, device)
+        rows += model_rows
     table = format_table(rows, args)
+    ratios = format_speedups(speedups, args)
+    if ratios:
+        table += "\n\n" + ratios
     print(table)
     if args.out:
         with open(args.out, "a") as fh:

@@ -127,8 +127,9 @@ def signature(q: object, k: object, v: object, layout: str, out_bshd: bool, vari
             or (softmax_scale is not None and type(softmax_scale) is not float)):
         return None
     dtype = q.dtype
-    if dtype is (torch.float32 if q.is_cuda else torch.bfloat16):  # is_cuda: 0.3 us less
-        return None  # than device.type, which builds a string
+    # is_cuda: 0.3 us less than device.type, which builds a new string at every read
+    if dtype is (torch.float32 if q.is_cuda else torch.bfloat16):
+        return None
     common = (layout, out_bshd, variant, return_lse, causal, softmax_scale, window_size,
               softcap, dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.shape, q.stride(),
               q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15)

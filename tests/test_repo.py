@@ -41,6 +41,28 @@ def test_host_path_harness_runs():
     assert len(times) == 7 and all(t > 0 for pair in times.values() for t in pair)
 
 
+def test_bench_hf_pairs_speedups_by_round():
+    """``benchmarks/bench_hf.py`` reports sdpa's time over triton_fa's within each round
+    (median, min, max), so a host that slows a whole round cancels out of the ratio, and leaves
+    the speedup table out when either implementation was not timed."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_hf", REPO / "benchmarks" / "bench_hf.py")
+    bench_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_hf)
+    # Round 2 runs on a host twice as slow; within every round sdpa takes 1.1x or 0.9x ours.
+    times = {"triton_fa": [1.0, 2.0, 1.0], "sdpa": [1.1, 2.2, 0.9], "eager": [3.0, 6.0, 3.0]}
+    median, low, high = bench_hf.paired_speedups(times)
+    assert abs(median - 1.1) < 1e-12 and abs(low - 0.9) < 1e-12 and abs(high - 1.1) < 1e-12
+    assert bench_hf.paired_speedups({"triton_fa": [1.0], "eager": [2.0]}) is None
+    args = argparse.Namespace(repeats=3)
+    table = bench_hf.format_speedups({"gpt2": {"generate b16": (median, low, high),
+                                               "prefill 2048": None}}, args).splitlines()
+    assert len(table) == 3 and table[2] == "| gpt2 | generate b16 | 1.100 | 0.900 | 1.100 |"
+    assert bench_hf.format_speedups({"gpt2": {"generate b16": None}}, args) == ""
+
+
 def test_ruff_clean():
     """The repository passes ``ruff check`` with pyproject's rules (ruff comes with the test
     extra, pinned to one minor series so that a new release's rules do not turn CI red)."""
