@@ -26,7 +26,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 gpus=$(nvidia-smi -L | wc -l)
 
 part_tests() {
-    local logs=$work pids=() lane pid rc=0 name
+    local logs=$work pids=() lanes=() lane i lane_rc rc=0 name
     for name in features hopper; do  # the two longest files, halved by node id
         python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider "tests/test_$name.py" \
             | grep '::' > "$logs/${name}_ids"
@@ -46,8 +46,13 @@ part_tests() {
             python3 -m pytest -q -m gpu -p no:cacheprovider "${files[@]}" \
             > "$logs/${lane// /_}.log" 2>&1 &
         pids+=($!)
+        lanes+=("${lane// /_}")
     done
-    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" && continue
+        lane_rc=$? rc=1
+        echo "lane ${lanes[$i]}: rc $lane_rc (124: stopped by TEST_TIMEOUT, its last tests unrun)"
+    done
     for f in "$logs"/*.log; do echo "== ${f##*/}"; tail -15 "$f"; done
     return $rc
 }
@@ -82,6 +87,6 @@ else
         echo "part $p: rc $?, $((SECONDS - start)) s"
     done
 fi
-[ -f "$out/tests.log" ] && grep -h "passed\|failed\|error" "$out/tests.log"
+[ -f "$out/tests.log" ] && grep -h "passed\|failed\|error\|^lane " "$out/tests.log"
 [ -f "$out/RESULTS.md" ] && grep -h '^|' "$out/RESULTS.md" | cut -c1-220
 true
