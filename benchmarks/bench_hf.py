@@ -118,13 +118,6 @@ def interleaved_times(model: torch.nn.Module, impls: list[str], fn: Callable[[],
     return times
 
 
-def interleaved_medians(model: torch.nn.Module, impls: list[str], fn: Callable[[], object],
-                        repeats: int) -> dict[str, float]:
-    """Median of ``interleaved_times`` per implementation."""
-    times = interleaved_times(model, impls, fn, repeats)
-    return {impl: statistics.median(t) for impl, t in times.items()}
-
-
 def paired_speedups(times: dict[str, list[float]]) -> tuple[float, float, float] | None:
     """sdpa's time over triton_fa's in each round of ``interleaved_times`` (above 1: ours
     faster) as (median, min, max); None unless both were timed. A ratio taken within a round

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import statistics
 import time
 from collections.abc import Callable
 
@@ -139,7 +140,7 @@ def step_attribution() -> None:
     """Batch-16 greedy generation (bench_hf's row) with triton_fa, sdpa and a no-op attention
     (returns the query as its output: no kernel), medians of round-robin runs: what the
     attention call costs each implementation inside a host-bound decoding step."""
-    from bench_hf import interleaved_medians
+    from bench_hf import interleaved_times, paired_speedups
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -150,10 +151,12 @@ def step_attribution() -> None:
     AttentionMaskInterface.register("noop_attention", sdpa_mask)
     for name, repeats in (("gpt2", 9), ("llama", 5)):
         model, generate = _batch16_generation(name)
-        medians = interleaved_medians(model, ["triton_fa", "sdpa", "noop_attention"], generate,
-                                      repeats)
-        print(name, {impl: f"{1e3 * t / 256:.3f} ms per step" for impl, t in medians.items()},
-              flush=True)
+        times = interleaved_times(model, ["triton_fa", "sdpa", "noop_attention"], generate,
+                                  repeats)
+        speedup = "sdpa / triton_fa per round: {:.3f} (min {:.3f}, max {:.3f})".format(
+            *paired_speedups(times))
+        print(name, {impl: f"{1e3 * statistics.median(t) / 256:.3f} ms per step"
+                     for impl, t in times.items()}, speedup, flush=True)
         del model, generate  # the callable holds the model too
         torch.cuda.empty_cache()
 
@@ -165,7 +168,7 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
     implementation more."""
     import gc
 
-    from bench_hf import interleaved_medians
+    from bench_hf import interleaved_times, paired_speedups
 
     for name in models:
         model, generate = _batch16_generation(name)
@@ -178,11 +181,12 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
                 gc.enable()
 
         for label, fn in (("collector on", generate), ("collector off", without_collector)):
-            medians = interleaved_medians(model, ["triton_fa", "sdpa"], fn, 7)
-            rates = {impl: 16 * 256 / t for impl, t in medians.items()}
+            times = interleaved_times(model, ["triton_fa", "sdpa"], fn, 7)
+            rates = {impl: 16 * 256 / statistics.median(t) for impl, t in times.items()}
             print(f"{name} b16, {label}: " + ", ".join(f"{impl} {r:.0f} tok/s"
                                                       for impl, r in rates.items())
-                  + f", ratio {rates['triton_fa'] / rates['sdpa']:.3f}", flush=True)
+                  + ", sdpa / triton_fa per round: {:.3f} (min {:.3f}, max {:.3f})".format(
+                      *paired_speedups(times)), flush=True)
         del model, generate, without_collector, fn  # the callables hold the model too
         torch.cuda.empty_cache()
 
