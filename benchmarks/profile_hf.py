@@ -136,11 +136,19 @@ def _batch16_generation(name: str) -> tuple[torch.nn.Module, Callable[[], object
     return model, lambda: model.generate(prompts, **options)
 
 
+def _speedup_text(times: dict[str, list[float]]) -> str:
+    """``bench_hf.paired_speedups`` of round-robin ``times`` (triton_fa and sdpa), as text."""
+    from bench_hf import paired_speedups
+
+    return "sdpa / triton_fa per round: {:.3f} (min {:.3f}, max {:.3f})".format(
+        *paired_speedups(times))
+
+
 def step_attribution() -> None:
     """Batch-16 greedy generation (bench_hf's row) with triton_fa, sdpa and a no-op attention
     (returns the query as its output: no kernel), medians of round-robin runs: what the
     attention call costs each implementation inside a host-bound decoding step."""
-    from bench_hf import interleaved_times, paired_speedups
+    from bench_hf import interleaved_times
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -153,10 +161,8 @@ def step_attribution() -> None:
         model, generate = _batch16_generation(name)
         times = interleaved_times(model, ["triton_fa", "sdpa", "noop_attention"], generate,
                                   repeats)
-        speedup = "sdpa / triton_fa per round: {:.3f} (min {:.3f}, max {:.3f})".format(
-            *paired_speedups(times))
         print(name, {impl: f"{1e3 * statistics.median(t) / 256:.3f} ms per step"
-                     for impl, t in times.items()}, speedup, flush=True)
+                     for impl, t in times.items()}, _speedup_text(times), flush=True)
         del model, generate  # the callable holds the model too
         torch.cuda.empty_cache()
 
@@ -168,7 +174,7 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
     implementation more."""
     import gc
 
-    from bench_hf import interleaved_times, paired_speedups
+    from bench_hf import interleaved_times
 
     for name in models:
         model, generate = _batch16_generation(name)
@@ -185,8 +191,7 @@ def collector_generate(models: tuple[str, ...] = ("gpt2", "llama")) -> None:
             rates = {impl: 16 * 256 / statistics.median(t) for impl, t in times.items()}
             print(f"{name} b16, {label}: " + ", ".join(f"{impl} {r:.0f} tok/s"
                                                       for impl, r in rates.items())
-                  + ", sdpa / triton_fa per round: {:.3f} (min {:.3f}, max {:.3f})".format(
-                      *paired_speedups(times)), flush=True)
+                  + ", " + _speedup_text(times), flush=True)
         del model, generate, without_collector, fn  # the callables hold the model too
         torch.cuda.empty_cache()
 
