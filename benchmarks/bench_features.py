@@ -17,6 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 
 from kernels import BackendSelector, flash_attention
 
@@ -141,12 +142,11 @@ def _plain_args(q: torch.Tensor, k: torch.Tensor):
 
 
 # (label, batch, heads, kv heads, head_dim, dtype, key lengths) of each sweep
-_SWEEP_POINTS = [(f"Hkv={h}", 8, 32, h, 128, torch.float16, (1024, 8192, 32768)) for h in (32, 8)]
 _SHORT_POINTS = [("gpt2 b16", 16, 12, 12, 64, torch.float16, (200, 500, 1000)),
                  ("llama b16", 16, 32, 8, 64, torch.bfloat16, (200, 500, 1000))]
 
 
-def sweep_decode(points: list = _SWEEP_POINTS,
+def sweep_decode(points: list,
                  tiles: tuple = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)),
                  splits: tuple = (1, 2, 3, 4, 6, 8, 12, 16)) -> None:
     """Split counts and key tiles of the split-KV kernel (for kernels/configs.py and
@@ -173,9 +173,13 @@ def sweep_decode(points: list = _SWEEP_POINTS,
             res = []
             for (bn, warps, stages), n in itertools.product(tiles, splits):
                 cfg = TileConfig(64, bn, warps, stages)
-                ms = bench(lambda c=cfg, n=n, q=q, k=k, v=v, o=out, a=args:
-                           _launch.forward_splitkv(q, k, v, o, None, a, num_splits=n, config=c),
-                           return_mode="median")
+                try:
+                    ms = bench(lambda c=cfg, n=n, q=q, k=k, v=v, o=out, a=args:
+                               _launch.forward_splitkv(q, k, v, o, None, a, num_splits=n,
+                                                       config=c),
+                               return_mode="median")
+                except OutOfResources:  # more shared memory than the GPU has
+                    continue
                 res.append((ms * 1e3, f"bn{bn}/w{warps}/s{stages}/{n}"))
             res.sort()
             res = [f"SDPA {sdpa * 1e3:.1f}", f"default {default * 1e3:.1f}"] \
@@ -246,16 +250,80 @@ def launch_overhead() -> None:
         print(f"{name}: {(time.perf_counter() - t) * 1e3:.1f} us per call", flush=True)
 
 
+def profile_decode(kv_heads: int, lengths: list[int]) -> None:
+    """The kernels of one decode call, ours (the library's choice) and SDPA's, at B8 H32 Sq1
+    D128 fp16: name, GPU time, grid, block, registers, shared memory and the profiler's
+    estimated occupancy (from the CUDA trace of five calls; the last call's kernels)."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    keys = ("grid", "block", "registers per thread", "shared memory",
+            "est. achieved occupancy %")
+    for sk in lengths:
+        q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.float16)
+        k = torch.randn(8, kv_heads, sk, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        for name, fn in (("ours", lambda q=q, k=k, v=v: flash_attention(q, k, v)),
+                         ("sdpa", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                             q, k, v, enable_gqa=kv_heads != 32))):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "trace.json")
+                prof.export_chrome_trace(path)
+                with open(path) as f:
+                    events = json.load(f)["traceEvents"]
+            kernels = [e for e in events if e.get("cat") == "kernel"]
+            per_call = len(kernels) // 5
+            for e in kernels[-per_call:]:
+                info = " ".join(f"{key}={e['args'].get(key)}" for key in keys)
+                print(f"Hkv={kv_heads} Sk={sk} {name}: {e['name'][:90]} {e['dur']:.1f} us "
+                      f"{info}", flush=True)
+
+
+def _tile(text: str) -> tuple[int, int, int]:
+    """A key tile given as BLOCK_N/warps/stages, e.g. 64/4/3."""
+    bn, warps, stages = (int(x) for x in text.split("/"))
+    return bn, warps, stages
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--sweep-decode", action="store_true")
     p.add_argument("--short-decode", action="store_true")
     p.add_argument("--sweep-short", action="store_true")
+    p.add_argument("--profile-decode", action="store_true")
+    p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8],
+                   help="--sweep-decode / --profile-decode points (B8 H32 D128 fp16)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--tiles", type=_tile, nargs="+", default=None,
+                   help="--sweep-decode key tiles as BLOCK_N/warps/stages")
+    p.add_argument("--splits", type=int, nargs="+", default=None)
     a = p.parse_args()
     launch_overhead()
-    if a.sweep_decode or a.short_decode or a.sweep_short:
-        (sweep_decode if a.sweep_decode else sweep_short if a.sweep_short else short_decode)()
+    if a.profile_decode:
+        for kv_heads in a.kv_heads:
+            profile_decode(kv_heads, a.lengths)
+        return
+    if a.sweep_decode:
+        points = [(f"Hkv={h}", 8, 32, h, 128, torch.float16, tuple(a.lengths))
+                  for h in a.kv_heads]
+        options = {"tiles": tuple(a.tiles)} if a.tiles else {}
+        if a.splits:
+            options["splits"] = tuple(a.splits)
+        sweep_decode(points, **options)
+        return
+    if a.short_decode or a.sweep_short:
+        (sweep_short if a.sweep_short else short_decode)()
         return
     bw = copy_bandwidth()
     print(f"device copy bandwidth {bw:.2f} TB/s", flush=True)
