@@ -266,7 +266,7 @@ def profile_decode(kv_heads: int, lengths: list[int]) -> None:
         q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.float16)
         k = torch.randn(8, kv_heads, sk, 128, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
-        for name, fn in (("ours", lambda q=q, k=k, v=v: flash_attention(q, k, v)),
+        for name, fn in (("ours", lambda q=q, k=k, v=v: flash_attention(q, k, v, variant="auto")),
                          ("sdpa", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                              q, k, v, enable_gqa=kv_heads != 32))):
             for _ in range(3):
