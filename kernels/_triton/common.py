@@ -238,7 +238,9 @@ def attend_band(
 ):
     """``attend_range`` over a band of key blocks from ``key_range``: [r0, r1) and [r4, r5)
     with bounds masks (the band's edges and the sequence tail), [r2, r3) without (its
-    interior). The three ranges are unrolled at compile time."""
+    interior). The three ranges are unrolled at compile time; [r0, r1), the blocks cut by a
+    window's left edge, is empty without one and then not compiled (its loop would still
+    cost a pipeline prologue, a wait and a barrier)."""
     for part in tl.static_range(3):
         if part == 0:
             start, stop = r0, r1
@@ -246,12 +248,13 @@ def attend_band(
             start, stop = r2, r3
         else:
             start, stop = r4, r5
-        acc, m_i, l_i = attend_range(
-            acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag, window_left,
-            window_right, qk_scale, softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D,
-            BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, part != 1,
-            BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+        if part != 0 or BOUNDED_LEFT:
+            acc, m_i, l_i = attend_range(
+                acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb,
+                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+                part != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
     return acc, m_i, l_i
 
 
@@ -326,7 +329,8 @@ def key_range(start_m, n_rows, seqlen_q, seqlen_k, window_left, window_right,
               BLOCK_N: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
     """Key blocks seen by query rows [start_m, start_m + n_rows), split in three ranges:
     [lo, a) and [c, hi) need bounds masks, [a, c) needs none (whole blocks inside the band
-    and inside the sequence). Blocks outside [lo, hi) are never visited."""
+    and inside the sequence). Blocks outside [lo, hi) are never visited. Without
+    BOUNDED_LEFT, lo == a == 0."""
     diag = seqlen_k - seqlen_q
     lo = 0
     hi = seqlen_k
