@@ -16,7 +16,7 @@ except ImportError:  # triton without host tensor descriptors: pointer kernels o
 
 from . import _runtime
 from ._counters import counters
-from .configs import TileConfig, splitkv_stages, tile_config
+from .configs import TileConfig, splitkv_grid, tile_config
 
 LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -495,7 +495,7 @@ def forward_splitkv(
     if splits == 1:  # unused: the launch arguments of a growing cache then differ only in
         split_len = 0  # Sk and the k/v strides, and its calls share a plan (kernels._plan)
     if config is None:
-        cfg = splitkv_stages(cfg, device, D, q.dtype, splits * B * Hkv * row_blocks)
+        cfg = splitkv_grid(cfg, device, D, q.dtype, splits * B * Hkv * row_blocks)
     lse, lse_strides, store_lse = _lse_arg(lse, out)
     if splits > 1:
         o_part = torch.empty((B, H, splits, Sq, block_d), device=device, dtype=torch.float32)

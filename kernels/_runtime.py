@@ -281,9 +281,10 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 @functools.cache
-def _cuda_properties(index: int) -> tuple[tuple[int, int], int, int]:
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int, int, str]:
     props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count, props.L2_cache_size
+    return ((props.major, props.minor), props.multi_processor_count, props.L2_cache_size,
+            props.name)
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -304,3 +305,11 @@ def l2_cache_bytes(device: torch.device) -> int:
     """L2 cache size of a CUDA device in bytes; cached."""
     index = torch.cuda.current_device() if device.index is None else device.index
     return _cuda_properties(index)[2]
+
+
+def device_name(device: torch.device) -> str:
+    """Name of a CUDA device ("NVIDIA H100 80GB HBM3"), "" for the CPU; cached."""
+    if device.type != "cuda":
+        return ""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_properties(index)[3]

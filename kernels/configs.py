@@ -3,9 +3,9 @@
 CPU tensors run through Triton's interpreter, where one small configuration is used (no
 autotuning: every program runs one after another). CUDA configurations come from the table
 below (V2 at head_dim <= 128 measured on an H100; head_dim 256 and split-KV on an H200), the
-small-grid rule for causal V2 and the split-KV stage rule (``splitkv_stages``), both measured
-on an H200 (see benchmarks/NOTES.md); other GPUs use the same rules, whose tiles fit the
-shared memory of Ampere and newer.
+small-grid rule for causal V2 and the split-KV grid rule (``splitkv_grid``: its H100 rule
+measured on an H100, its other rule on an H200; see benchmarks/NOTES.md); other GPUs use the
+H200's rules, whose tiles fit the shared memory of Ampere and newer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._runtime import multiprocessors
+from ._runtime import device_name, multiprocessors
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,10 @@ for _causal in (False, True):
     # Split-KV decode: memory-bound; block_m is the cap on (GQA group x query rows) per tile.
     # 64-key tiles, 3 stages, with one program per multiprocessor (_launch._num_splits): best
     # of the 2026-11-30 H200 sweep at 4 of its 6 points (B8 H32 Hkv 32/8, Sk 1k/8k/32k, D128)
-    # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md); one stage more where the grid
-    # has at most one program per multiprocessor (splitkv_stages). head_dim <= 64: tiles of
-    # 128 keys (the same bytes per tile): B16 decode on 200-1000 keys (GPT-2 H12, Llama
-    # H32/8; one split) 5.7-17.8 -> 5.3-15.2 us (--sweep-short, eleventh session)
+    # and within 1% at Hkv 32, Sk 32k (benchmarks/NOTES.md); changed by the size of the grid
+    # (splitkv_grid). head_dim <= 64: tiles of 128 keys (the same bytes per tile): B16
+    # decode on 200-1000 keys (GPT-2 H12, Llama H32/8; one split) 5.7-17.8 -> 5.3-15.2 us
+    # (--sweep-short, eleventh session)
     _CUDA_TABLE[("splitkv", False, _causal)] = [
         (64, TileConfig(64, 128, 4, 3)),
         (128, TileConfig(64, 64, 4, 3)),
@@ -144,16 +144,34 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
     raise ValueError(f"head_dim must be <= 256, got {head_dim}")
 
 
-def splitkv_stages(cfg: TileConfig, device: torch.device, head_dim: int, dtype: torch.dtype,
-                   programs: int) -> TileConfig:
-    """The split-KV configuration for a grid of ``programs``: with at most one program per
-    multiprocessor (fp16/bf16, 64 < head_dim <= 128), one stage more, since each program alone
-    then keeps the multiprocessor's loads in flight. H200, 2026-11-30 (B8 H32 Hkv8 D128, 2
-    splits: 128 programs): 80.0 -> 79.1 us at 8k keys, 266.7 -> 256.4 at 32k; at Hkv 32 (256
-    programs) 3 stages stayed best (255.7 against 257.3 us at 8k). At head_dim 64 (128-key
-    tiles, B16 H32 Hkv8, 128 programs, 200-1000 keys) 3 stages beat 4: 5.3 / 7.3 / 10.9
-    against 5.8 / 7.8 / 11.2 us (benchmarks/NOTES.md)."""
-    if (device.type != "cuda" or dtype == torch.float32 or not 64 < head_dim <= 128
-            or programs > multiprocessors(device)):
+# Split-KV tiles for a full grid (more programs than multiprocessors: one split) on the H100,
+# fp16/bf16, 64 < head_dim <= 128: 32-key tiles, 2 warps. B8 H32 Hkv32 D128, one split, GPU
+# time (us) against the table's 64-key, 4-warp tile, 2026-12-07: 1k 47.4 / 48.3, 8k 347.8 /
+# 349.8, 32k 1366.8 / 1381.8 (SDPA 48.0, 348.8, 1380.4); the twenty-sixth session's sweep
+# agreed (47.1 / 48.1, 340.6 / 340.9). The 32-key tile divides the table's 64, so the split
+# length computed from the table's tile stays a whole number of tiles.
+_H100_FULL_GRID = TileConfig(16, 32, 2, 3)
+
+
+def splitkv_grid(cfg: TileConfig, device: torch.device, head_dim: int, dtype: torch.dtype,
+                 programs: int) -> TileConfig:
+    """The split-KV configuration for a grid of ``programs``, from the table's ``cfg``; the
+    rules cover fp16/bf16 at 64 < head_dim <= 128 on CUDA and differ by GPU:
+    - H100: with more programs than multiprocessors, ``_H100_FULL_GRID``; otherwise the
+      table's tile. An extra stage at one program per multiprocessor (the H200's rule) cost
+      the H100 1-2% (2026-12-07, B8 H32 Hkv8 D128, 2 splits, 128 programs, GPU time, us: 1k
+      12.2-12.4 / 12.4-13.1, 8k 92.5 / 93.5-93.7, 32k 349.9-352.0 / 354.7-355.4 with 3 / 4
+      stages).
+    - Other GPUs (measured on the H200): with at most one program per multiprocessor, one
+      stage more, since each program alone then keeps the multiprocessor's loads in flight.
+      2026-11-30 (B8 H32 Hkv8 D128, 2 splits: 128 programs): 80.0 -> 79.1 us at 8k keys,
+      266.7 -> 256.4 at 32k; at Hkv 32 (256 programs) 3 stages stayed best (255.7 against
+      257.3 us at 8k). At head_dim 64 (128-key tiles, B16 H32 Hkv8, 128 programs, 200-1000
+      keys) 3 stages beat 4: 5.3 / 7.3 / 10.9 against 5.8 / 7.8 / 11.2 us.
+    (benchmarks/NOTES.md.)"""
+    if device.type != "cuda" or dtype == torch.float32 or not 64 < head_dim <= 128:
         return cfg
-    return dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
+    full = programs > multiprocessors(device)
+    if "H100" in device_name(device):
+        return dataclasses.replace(_H100_FULL_GRID, block_m=cfg.block_m) if full else cfg
+    return cfg if full else dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)

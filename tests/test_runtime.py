@@ -237,24 +237,47 @@ def test_tile_rules_for_small_grids_and_short_causal_sequences(batch, heads, seq
         assert cfg == configs.tile_config("v2", DEVICE, head_dim, dtype, causal)
 
 
-def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch):
-    """kernels.configs.splitkv_stages on a 132-multiprocessor GPU: one stage more for fp16/bf16
-    at 64 < head_dim <= 128 when the grid has at most one program per multiprocessor (GQA
-    decode with two splits, 128 programs), the table's stages otherwise."""
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA A100-SXM4-80GB"])
+def test_split_kv_adds_a_stage_with_one_program_per_multiprocessor(monkeypatch, name):
+    """kernels.configs.splitkv_grid on a 132-multiprocessor GPU other than the H100: one stage
+    more for fp16/bf16 at 64 < head_dim <= 128 when the grid has at most one program per
+    multiprocessor (GQA decode with two splits, 128 programs), the table's tile otherwise."""
     from kernels import configs
 
     monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(configs, "device_name", lambda device: name)
     cuda = torch.device("cuda")
     base = configs.tile_config("splitkv", cuda, 128, torch.float16, False)
-    deeper = configs.splitkv_stages(base, cuda, 128, torch.bfloat16, 128)
+    deeper = configs.splitkv_grid(base, cuda, 128, torch.bfloat16, 128)
     assert deeper == configs.TileConfig(base.block_m, base.block_n, base.num_warps,
                                         base.num_stages + 1, base.maxnreg)
-    assert configs.splitkv_stages(base, cuda, 128, torch.float16, 133) == base
-    assert configs.splitkv_stages(base, cuda, 128, torch.float32, 64) == base
-    assert configs.splitkv_stages(base, cuda, 256, torch.float16, 64) == base
-    assert configs.splitkv_stages(base, torch.device("cpu"), 128, torch.float16, 4) == base
+    assert configs.splitkv_grid(base, cuda, 128, torch.float16, 133) == base
+    assert configs.splitkv_grid(base, cuda, 128, torch.float32, 64) == base
+    assert configs.splitkv_grid(base, cuda, 256, torch.float16, 64) == base
+    assert configs.splitkv_grid(base, torch.device("cpu"), 128, torch.float16, 4) == base
     small = configs.tile_config("splitkv", cuda, 64, torch.bfloat16, False)
-    assert configs.splitkv_stages(small, cuda, 64, torch.bfloat16, 128) == small
+    assert configs.splitkv_grid(small, cuda, 64, torch.bfloat16, 128) == small
+
+
+def test_split_kv_on_the_h100_takes_small_tiles_on_a_full_grid(monkeypatch):
+    """kernels.configs.splitkv_grid on the H100: with more programs than multiprocessors
+    (one split), 32-key tiles with 2 warps, which divide the table's tile so that the split
+    length stays whole; the table's tile, without an extra stage, on smaller grids; fp32,
+    head_dim 64 and 256 keep the table's tile."""
+    from kernels import configs
+
+    monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(configs, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")
+    for head_dim in (80, 128):
+        base = configs.tile_config("splitkv", cuda, head_dim, torch.float16, False)
+        full = configs.splitkv_grid(base, cuda, head_dim, torch.bfloat16, 256)
+        assert (full.block_n, full.num_warps, full.num_stages) == (32, 2, 3)
+        assert full.block_m == base.block_m and base.block_n % full.block_n == 0
+        assert configs.splitkv_grid(base, cuda, head_dim, torch.float16, 132) == base
+    for head_dim, dtype in ((128, torch.float32), (64, torch.float16), (256, torch.float16)):
+        base = configs.tile_config("splitkv", cuda, head_dim, dtype, False)
+        assert configs.splitkv_grid(base, cuda, head_dim, dtype, 256) == base
 
 
 def test_a_register_cap_reaches_the_compiler_and_keys_the_compiled_kernel():
