@@ -1,7 +1,8 @@
-"""Where the split-KV decode kernel loses its fixed ~2 us to a minimal kernel (issue 3).
+"""Where the split-KV decode kernel loses fixed time to a minimal kernel (issue 3).
 
 B8 H32 Hkv32 Sq1 D128 fp16, one program per (batch, head), one split: the point where the
-library's decode trails SDPA by 1.4-2 us at every cache length. Five kernels of one key tile
+library's decode trailed SDPA by 1.4-2 us at every cache length (H100, 2026-12-07: mostly the
+three-range loop of ``attend_band``; benchmarks/NOTES.md). Five kernels of one key tile
 configuration, timed alternately (GPU time of CUDA-graph replays, median, us), each adding
 one part of the library's path to the one before:
 
