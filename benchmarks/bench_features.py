@@ -30,13 +30,16 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms * 1e-9
 
 
-def decode_table(bw: float) -> list[str]:
-    """Eager calls timed by do_bench (L2 cleared before each), as the features issue asks;
-    and the GPU time alone, replayed from a CUDA graph (host cost gone, L2 not cleared: at
-    Hkv = 8, Sk = 1k, K and V fit in it)."""
-    lines = ["| Hkv | Sk | ours (us) | SDPA (us) | ours TB/s | % of copy | SDPA TB/s | variant "
-             "| ours GPU (us) | SDPA GPU (us) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def decode_table(bw: float, rounds: int = 5) -> list[str]:
+    """Eager calls timed by do_bench (L2 cleared before each), as the features issue asks,
+    ours and SDPA in turn for ``rounds`` rounds: medians, and SDPA's time over ours within
+    each round (median, min-max; above 1: ours faster), which cancels the drift between
+    rounds that a ratio of two medians keeps (0.1-0.3% differences, 2026-12-07). Then the
+    GPU time alone, replayed from a CUDA graph (host cost gone, L2 not cleared: at Hkv = 8,
+    Sk = 1k, K and V fit in it)."""
+    lines = ["| Hkv | Sk | ours (us) | SDPA (us) | SDPA / ours, paired | ours TB/s | % of copy "
+             "| SDPA TB/s | variant | ours GPU (us) | SDPA GPU (us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     B, H, D = 8, 32, 128
     for kv_heads in (32, 8):
         for sk in (1024, 8192, 32768):
@@ -55,27 +58,36 @@ def decode_table(bw: float) -> list[str]:
             def sdpa(q=q, k=k, v=v, g=kv_heads != H):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=g)
 
-            times = [triton.testing.do_bench(fn, return_mode="median") for fn in (ours, sdpa)]
+            runs = _rounds({"ours": ours, "sdpa": sdpa}, rounds)
+            times = [statistics.median(runs[name]) for name in ("ours", "sdpa")]
+            ratios = sorted(s / o for o, s in zip(runs["ours"], runs["sdpa"], strict=True))
+            paired = f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
             gpu = [triton.testing.do_bench_cudagraph(fn, return_mode="median")
                    for fn in (ours, sdpa)]
             nbytes = 2 * k.numel() * k.element_size()
             tb_ours, tb_sdpa = nbytes / times[0] * 1e-9, nbytes / times[1] * 1e-9
             lines.append(f"| {kv_heads} | {sk} | {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} | "
-                         f"{tb_ours:.2f} | {100 * tb_ours / bw:.0f}% | {tb_sdpa:.2f} | "
-                         f"{kernel.variant} | {gpu[0] * 1e3:.1f} | {gpu[1] * 1e3:.1f} |")
+                         f"{paired} | {tb_ours:.2f} | {100 * tb_ours / bw:.0f}% | "
+                         f"{tb_sdpa:.2f} | {kernel.variant} | {gpu[0] * 1e3:.1f} | "
+                         f"{gpu[1] * 1e3:.1f} |")
             print(lines[-1], flush=True)
     return lines
 
 
-def _round_robin(fns: dict, rounds: int = 5) -> dict:
-    """Median over ``rounds`` of each function's do_bench median, the functions timed in
-    turn within each round (the clock and the host drift between back-to-back runs: GQA
+def _rounds(fns: dict, rounds: int) -> dict:
+    """Each function's do_bench median in each of ``rounds`` rounds, the functions timed in
+    turn within a round (the clock and the host drift between back-to-back runs: GQA
     measured 0.99x and 1.07x of the same reference an hour apart, 2026-11-30)."""
     times: dict = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(triton.testing.do_bench(fn, return_mode="median"))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def _round_robin(fns: dict, rounds: int = 5) -> dict:
+    """Median over ``rounds`` (``_rounds``) of each function's time."""
+    return {name: statistics.median(ts) for name, ts in _rounds(fns, rounds).items()}
 
 
 def prefill_table() -> list[str]:
@@ -331,8 +343,10 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     text = (f"\n### Decode and prefill features, {datetime.date.today().isoformat()}, "
             f"{props.name}, torch {torch.__version__}, triton {triton.__version__}\n\n"
-            f"Decode: B=8, H=32, Sq=1, D=128, fp16; bandwidth on the bytes of K and V; "
-            f"device copy {bw:.2f} TB/s (read + write).\n\n" + "\n".join(lines) + "\n")
+            f"Decode: B=8, H=32, Sq=1, D=128, fp16; eager times: medians of 5 rounds, ours and "
+            f"SDPA in turn, and SDPA's time over ours within each round (median, min-max); "
+            f"bandwidth on the bytes of K and V; device copy {bw:.2f} TB/s (read + write).\n\n"
+            + "\n".join(lines) + "\n")
     if a.out:
         with open(a.out, "a") as fh:
             fh.write(text)
