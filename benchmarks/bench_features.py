@@ -17,6 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from bench_hf import paired_speedups
 from triton.runtime.errors import OutOfResources
 
 from kernels import BackendSelector, flash_attention
@@ -33,10 +34,10 @@ def copy_bandwidth() -> float:
 def decode_table(bw: float, rounds: int = 5) -> list[str]:
     """Eager calls timed by do_bench (L2 cleared before each), as the features issue asks,
     ours and SDPA in turn for ``rounds`` rounds: medians, and SDPA's time over ours within
-    each round (median, min-max; above 1: ours faster), which cancels the drift between
-    rounds that a ratio of two medians keeps (0.1-0.3% differences, 2026-12-07). Then the
-    GPU time alone, replayed from a CUDA graph (host cost gone, L2 not cleared: at Hkv = 8,
-    Sk = 1k, K and V fit in it)."""
+    each round (``bench_hf.paired_speedups``: median, min-max; above 1: ours faster), which
+    cancels the drift between rounds that a ratio of two medians keeps (0.1-0.3% differences,
+    2026-12-07). Then the GPU time alone, replayed from a CUDA graph (host cost gone, L2 not
+    cleared: at Hkv = 8, Sk = 1k, K and V fit in it)."""
     lines = ["| Hkv | Sk | ours (us) | SDPA (us) | SDPA / ours, paired | ours TB/s | % of copy "
              "| SDPA TB/s | variant | ours GPU (us) | SDPA GPU (us) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -58,10 +59,9 @@ def decode_table(bw: float, rounds: int = 5) -> list[str]:
             def sdpa(q=q, k=k, v=v, g=kv_heads != H):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=g)
 
-            runs = _rounds({"ours": ours, "sdpa": sdpa}, rounds)
-            times = [statistics.median(runs[name]) for name in ("ours", "sdpa")]
-            ratios = sorted(s / o for o, s in zip(runs["ours"], runs["sdpa"], strict=True))
-            paired = f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+            runs = _rounds({"triton_fa": ours, "sdpa": sdpa}, rounds)
+            times = [statistics.median(runs[name]) for name in ("triton_fa", "sdpa")]
+            paired = "{:.3f} ({:.3f}-{:.3f})".format(*paired_speedups(runs))
             gpu = [triton.testing.do_bench_cudagraph(fn, return_mode="median")
                    for fn in (ours, sdpa)]
             nbytes = 2 * k.numel() * k.element_size()

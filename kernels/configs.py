@@ -150,18 +150,18 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
 # 349.8, 32k 1366.8 / 1381.8 (SDPA 48.0, 348.8, 1380.4); the twenty-sixth session's sweep
 # agreed (47.1 / 48.1, 340.6 / 340.9). The 32-key tile divides the table's 64, so the split
 # length computed from the table's tile stays a whole number of tiles.
-_H100_FULL_GRID = TileConfig(16, 32, 2, 3)
+_H100_FULL_GRID = dict(block_n=32, num_warps=2, num_stages=3)
 
 
 def splitkv_grid(cfg: TileConfig, device: torch.device, head_dim: int, dtype: torch.dtype,
                  programs: int) -> TileConfig:
     """The split-KV configuration for a grid of ``programs``, from the table's ``cfg``; the
     rules cover fp16/bf16 at 64 < head_dim <= 128 on CUDA and differ by GPU:
-    - H100: with more programs than multiprocessors, ``_H100_FULL_GRID``; otherwise the
-      table's tile. An extra stage at one program per multiprocessor (the H200's rule) cost
-      the H100 1-2% (2026-12-07, B8 H32 Hkv8 D128, 2 splits, 128 programs, GPU time, us: 1k
-      12.2-12.4 / 12.4-13.1, 8k 92.5 / 93.5-93.7, 32k 349.9-352.0 / 354.7-355.4 with 3 / 4
-      stages).
+    - H100: with more programs than multiprocessors, the table's tile with the key rows,
+      warps and stages of ``_H100_FULL_GRID``; otherwise the table's tile. An extra stage at
+      one program per multiprocessor (the H200's rule) cost the H100 1-2% (2026-12-07, B8
+      H32 Hkv8 D128, 2 splits, 128 programs, GPU time, us: 1k 12.2-12.4 / 12.4-13.1, 8k 92.5
+      / 93.5-93.7, 32k 349.9-352.0 / 354.7-355.4 with 3 / 4 stages).
     - Other GPUs (measured on the H200): with at most one program per multiprocessor, one
       stage more, since each program alone then keeps the multiprocessor's loads in flight.
       2026-11-30 (B8 H32 Hkv8 D128, 2 splits: 128 programs): 80.0 -> 79.1 us at 8k keys,
@@ -173,5 +173,5 @@ def splitkv_grid(cfg: TileConfig, device: torch.device, head_dim: int, dtype: to
         return cfg
     full = programs > multiprocessors(device)
     if "H100" in device_name(device):
-        return dataclasses.replace(_H100_FULL_GRID, block_m=cfg.block_m) if full else cfg
+        return dataclasses.replace(cfg, **_H100_FULL_GRID) if full else cfg
     return cfg if full else dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
