@@ -17,7 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
-from bench_hf import paired_speedups
+from bench_hf import paired_ratio, paired_speedups
 from triton.runtime.errors import OutOfResources
 
 from kernels import BackendSelector, flash_attention
@@ -85,13 +85,12 @@ def _rounds(fns: dict, rounds: int) -> dict:
     return times
 
 
-def _round_robin(fns: dict, rounds: int = 5) -> dict:
-    """Median over ``rounds`` (``_rounds``) of each function's time."""
-    return {name: statistics.median(ts) for name, ts in _rounds(fns, rounds).items()}
-
-
 def prefill_table() -> list[str]:
-    lines = ["| case | time (ms) | ratio |", "|---|---|---|"]
+    """Causal prefill with key-padding masks against none, and GQA against as many K/V heads
+    as query heads: medians of 5 rounds (``_rounds``), and each case's time over its
+    reference within each round (``bench_hf.paired_ratio``: median, min-max; below 1:
+    faster than the reference)."""
+    lines = ["| case | time (ms) | time / reference's, paired |", "|---|---|---|"]
     B, H, S, D = 8, 16, 4096, 128
     q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
     k, v = torch.randn_like(q), torch.randn_like(q)
@@ -112,16 +111,17 @@ def prefill_table() -> list[str]:
         vg = torch.randn_like(kg)
         fns[kv_heads] = lambda q=qg, k=kg, v=vg: flash_attention(q, k, v, causal=True,
                                                                  variant="auto")
-    times = _round_robin(fns)
-    plain, masked = times["plain"], times["masked"]
-    lines.append(f"| B8 H16 S4k D128 causal, no mask | {plain:.3f} | 1.00 |")
-    lines.append(f"| same, key-padding mask (B,1,1,Sk) | {masked:.3f} | {masked / plain:.2f} |")
-    lines.append(f"| same, padding 37 keys longer (off the block edges) | {times['uneven']:.3f} "
-                 f"| {times['uneven'] / plain:.2f} |")
-    lines.append(f"| same, padding the first 25% of keys (left) | {times['left']:.3f} "
-                 f"| {times['left'] / plain:.2f} |")
-    lines.append(f"| B8 H32 S4k D64 causal, Hkv=32 | {times[32]:.3f} | 1.00 |")
-    lines.append(f"| same, GQA Hkv=8 | {times[8]:.3f} | {times[8] / times[32]:.2f} |")
+    runs = _rounds(fns, 5)
+    rows = (("B8 H16 S4k D128 causal, no mask", "plain", "plain"),
+            ("same, key-padding mask (B,1,1,Sk)", "masked", "plain"),
+            ("same, padding 37 keys longer (off the block edges)", "uneven", "plain"),
+            ("same, padding the first 25% of keys (left)", "left", "plain"),
+            ("B8 H32 S4k D64 causal, Hkv=32", 32, 32),
+            ("same, GQA Hkv=8", 8, 32))
+    for label, name, base in rows:
+        ratio = "{:.3f} ({:.3f}-{:.3f})".format(*paired_ratio(runs[name], runs[base]))
+        lines.append(f"| {label} | {statistics.median(runs[name]):.3f} | "
+                     f"{'1.00' if name == base else ratio} |")
     print("\n".join(lines), flush=True)
     return lines
 

@@ -118,14 +118,20 @@ def interleaved_times(model: torch.nn.Module, impls: list[str], fn: Callable[[],
     return times
 
 
+def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """``num[i] / den[i]`` of each round i of two interleaved timings, as (median, min, max).
+    A ratio taken within a round cancels what drifts between rounds, which a ratio of two
+    medians does not."""
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def paired_speedups(times: dict[str, list[float]]) -> tuple[float, float, float] | None:
     """sdpa's time over triton_fa's in each round of ``interleaved_times`` (above 1: ours
-    faster) as (median, min, max); None unless both were timed. A ratio taken within a round
-    cancels what drifts between rounds, which a ratio of two medians does not."""
+    faster; ``paired_ratio``); None unless both were timed."""
     if "triton_fa" not in times or "sdpa" not in times:
         return None
-    ratios = sorted(s / t for s, t in zip(times["sdpa"], times["triton_fa"], strict=True))
-    return statistics.median(ratios), ratios[0], ratios[-1]
+    return paired_ratio(times["sdpa"], times["triton_fa"])
 
 
 Speedups = dict[str, tuple[float, float, float] | None]
