@@ -149,7 +149,9 @@ def tile_config(variant: str, device: torch.device, head_dim: int, dtype: torch.
 # time (us) against the table's 64-key, 4-warp tile, 2026-12-07: 1k 47.4 / 48.3, 8k 347.8 /
 # 349.8, 32k 1366.8 / 1381.8 (SDPA 48.0, 348.8, 1380.4); the twenty-sixth session's sweep
 # agreed (47.1 / 48.1, 340.6 / 340.9). The 32-key tile divides the table's 64, so the split
-# length computed from the table's tile stays a whole number of tiles.
+# length computed from the table's tile stays a whole number of tiles. Not every H100 host
+# agrees: on one (twenty-eighth session, same day, same device name) the 64-key tile led at
+# 8k, 338.6 / 339.2 (SDPA 338.4); nothing the selector can read tells the hosts apart.
 _H100_FULL_GRID = dict(block_n=32, num_warps=2, num_stages=3)
 
 
