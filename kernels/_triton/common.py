@@ -239,8 +239,9 @@ def attend_band(
     """``attend_range`` over a band of key blocks from ``key_range``: [r0, r1) and [r4, r5)
     with bounds masks (the band's edges and the sequence tail), [r2, r3) without (its
     interior). The three ranges are unrolled at compile time; [r0, r1), the blocks cut by a
-    window's left edge, is empty without one and then not compiled (its loop would still
-    cost a pipeline prologue, a wait and a barrier)."""
+    window's left edge, is empty without one and then not compiled, and an empty range is
+    skipped at run time (its loop would still cost a pipeline prologue, a wait and a
+    barrier)."""
     for part in tl.static_range(3):
         if part == 0:
             start, stop = r0, r1
@@ -249,12 +250,14 @@ def attend_band(
         else:
             start, stop = r4, r5
         if part != 0 or BOUNDED_LEFT:
-            acc, m_i, l_i = attend_range(
-                acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb,
-                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
-                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
-                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-                part != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+            if start < stop:
+                acc, m_i, l_i = attend_range(
+                    acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m,
+                    offs_nb, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
+                    seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope,
+                    mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND,
+                    MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, part != 1, BOUNDED_LEFT,
+                    BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
     return acc, m_i, l_i
 
 
