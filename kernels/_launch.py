@@ -180,11 +180,13 @@ def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
 
 class HopperConfig(NamedTuple):
     """A launch of the warp-specialised Hopper kernel: key rows per block, K/V stages in
-    shared memory, consumer warpgroups (64 query rows each)."""
+    shared memory, consumer warpgroups (64 query rows each), and whether a program may run
+    two query tiles (``hopper.py``'s PAIRED; ``paired_tiles`` says when it does)."""
 
     block_n: int
     num_stages: int
     consumers: int = 2
+    paired: bool = False
 
     def registers(self) -> tuple[int, int]:
         """(worker consumers' registers per thread, the kernel's maxnreg): the register file
@@ -202,7 +204,25 @@ class HopperConfig(NamedTuple):
 # blocks, and 64-key blocks halve the work per hand-over), and three were no faster at 128;
 # benchmarks/tune_hopper.py sweeps them again for another GPU or triton. head_dim 256 takes
 # 64-key blocks: two stages of K and V then fit beside Q in shared memory (192 KiB).
-HOPPER_CONFIGS = {128: HopperConfig(128, 2), 256: HopperConfig(64, 2)}
+# Paired tiles at 128 only (see ``paired_tiles``).
+HOPPER_CONFIGS = {128: HopperConfig(128, 2, paired=True), 256: HopperConfig(64, 2)}
+
+# Query tiles per head up to which a paired configuration runs two per program. H100,
+# 2026-12-07, paired / one tile per program, B*S = 32k, medians of 5 rounds (NOTES.md,
+# "Twenty-ninth session"): head_dim 128 causal 1.01-1.08 from S 1k to 8k (64 tiles), 0.96 and
+# 0.97 at 16k in two runs; head_dim 256 causal 0.95-1.01; not causal 0.95-0.98; under a
+# key-padding mask 0.91-0.93 (its scan's bounds and bias spill in the paired loops).
+_PAIRED_MAX_TILES = 64
+
+
+def paired_tiles(cfg: HopperConfig, causal: bool, masked: bool, n_tiles: int) -> bool:
+    """Whether the Hopper kernel runs two query tiles per program (last and first, ...): for
+    a configuration that allows it, a causal call without a mask of at most
+    ``_PAIRED_MAX_TILES`` tiles per head. There causal tiles are short on average and each
+    program's start (Q and first K/V loads, pipeline fill) and end (last P.V, store) are a
+    large share of its time; the second tile's first loads run under the first one's end,
+    and every program sees about the same number of key blocks."""
+    return cfg.paired and causal and not masked and n_tiles <= _PAIRED_MAX_TILES
 
 
 class RowView(NamedTuple):
@@ -326,8 +346,8 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    lse: torch.Tensor | None, args: ScoreArgs, *,
                    config: HopperConfig | None = None) -> None:
     """The warp-specialised Hopper kernel on a call ``hopper_ok`` accepted; shapes as in
-    ``forward_v2``. One program per 64 * consumers query rows and head, one per
-    multiprocessor."""
+    ``forward_v2``. One program per query tile of 64 * consumers rows and head, or per two
+    (``paired_tiles``), one per multiprocessor at a time."""
     device = q.device
     kernel = _runtime.kernel_module("hopper", device).attention_fwd_hopper
     B, H, Sq, D = q.shape
@@ -349,9 +369,11 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     lse_arg, lse_strides, store_lse = _lse_arg(lse, out)
     mask, mask_strides = args.mask_arg(out)
     n_tiles = _cdiv(Sq, 64 * cfg.consumers)
+    paired = paired_tiles(cfg, args.causal, args.attn_mask is not None, n_tiles)
+    per_head = _cdiv(n_tiles, 2) if paired else n_tiles
     order = _order_group(device, args.causal, B * H, H // Hkv, Sq, Sk, D, q.element_size())
     _runtime.launch(
-        kernel, (n_tiles * B * H,), device,
+        kernel, (per_head * B * H,), device,
         (rows_descriptor(q, qv), keys_descriptor(k, kv), keys_descriptor(v, kv),
          rows_descriptor(out, ov), out, lse_arg, mask,
          qv.per_batch, qv.per_head, qv.head_col, kv.per_batch, kv.per_head, kv.head_col,
@@ -359,7 +381,8 @@ def forward_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
          *lse_strides[:2], mask_strides[0], mask_strides[1], mask_strides[3],
          n_tiles, order, H, H // Hkv, Sq, Sk, args.sm_scale * LOG2E),
         dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=args.causal,
-             STORE_LSE=store_lse, MASK_KIND=args.mask_kind(), CONSUMER_REGS=consumer_regs),
+             STORE_LSE=store_lse, MASK_KIND=args.mask_kind(), PAIRED=paired,
+             CONSUMER_REGS=consumer_regs),
         4, 1, maxnreg)
 
 

@@ -142,10 +142,13 @@ def test_hopper_launch_addresses_every_head(monkeypatch, layout, mask_kind):
     (q_desc, k_desc, v_desc, o_desc, out_ptr, lse_ptr, mask_ptr, q_rb, q_rh, q_ch, kv_nb,
      kv_nh, kv_ch, o_rb, o_rh, o_ch, out_sb, out_sh, out_sm, lse_sb, lse_sh, mask_sb, mask_sh,
      mask_sn, n_tiles, order, heads, group, seqlen_q, seqlen_k, _) = call_args
-    assert kernel == "hopper" and grid == (2 * B * H,) and (warps, maxnreg) == (4, 168)
+    # two query tiles of 128 rows per head: one program runs both without a mask
+    per_head = 1 if mask is None else 2
+    assert kernel == "hopper" and grid == (per_head * B * H,) and (warps, maxnreg) == (4, 168)
     assert n_tiles == 2 and order == _launch._order_group(q.device, True, B * H, H // Hkv, Sq,
                                                           Sk, D, 2)
     assert constexprs["CAUSAL"] and constexprs["STORE_LSE"]
+    assert constexprs["PAIRED"] == (mask is None)
     assert constexprs["MASK_KIND"] == mask_kind
     if mask is not None:
         for b in range(B):
@@ -471,6 +474,21 @@ def test_gpu_hopper_kernel_key_mask_writes_every_row(gpu_device, head_dim):
     assert (lse[1, :, :114] == float("-inf")).all() and (lse[1, :, 114:] > float("-inf")).all()
 
 
+@pytest.mark.parametrize("head_dim, causal, masked, n_tiles, expected", [
+    (128, True, False, 1, True),
+    (128, True, False, _launch._PAIRED_MAX_TILES, True),
+    (128, True, False, _launch._PAIRED_MAX_TILES + 1, False),
+    (128, False, False, 16, False),
+    (128, True, True, 16, False),
+    (256, True, False, 16, False),
+])
+def test_paired_tiles_rule(head_dim, causal, masked, n_tiles, expected):
+    """Two query tiles per program only where they were measured faster: head_dim 128,
+    causal, no mask, up to 8k query rows."""
+    cfg = _launch.HOPPER_CONFIGS[head_dim]
+    assert _launch.paired_tiles(cfg, causal, masked, n_tiles) is expected
+
+
 def _hopper_signature(fn, dtype: str, head_dim: int, block_n: int, mask_type: str) -> dict:
     """The Hopper kernel's argument types for ``triton.compile``: descriptors of Q/out
     (blocks [64, D]) and K/V ([1, BN, D]) with their shared-memory layouts, pointers, scalars;
@@ -513,7 +531,8 @@ def test_hopper_kernel_compiles_for_sm90(dtype, head_dim, causal, mask_kind, mas
     cfg = _launch.HOPPER_CONFIGS[head_dim]
     consumer_regs, maxnreg = cfg.registers()
     constexprs = dict(NC=cfg.consumers, STAGES=cfg.num_stages, CAUSAL=causal,
-                      STORE_LSE=store_lse, MASK_KIND=mask_kind, CONSUMER_REGS=consumer_regs)
+                      STORE_LSE=store_lse, MASK_KIND=mask_kind, PAIRED=cfg.paired,
+                      CONSUMER_REGS=consumer_regs)
     source = gluon_runtime.GluonASTSource(
         fn, _hopper_signature(fn, dtype, head_dim, cfg.block_n, mask_type), constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
