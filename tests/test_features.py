@@ -457,6 +457,50 @@ def test_varlen_errors():
         flash_attention_varlen(torch.randn(10, 3, 16), q, q, cu, cu, 6, 6)
 
 
+# ----------------------------------------------------------------------------- descriptors
+
+# (B, H, Hkv, Sq, Sk, head_dim, dtype, options): V2's tensor-descriptor (TMA) path over the
+# cases its key loops treat apart: causal with Sq < Sk, key tails (rows past the tensor read
+# as zeros), windows, softcap, ALiBi, a key-padding mask, GQA and a padded head_dim.
+_DESCRIPTOR_CASES = {
+    "causal-odd": (1, 2, 2, 33, 33, 40, F32, dict(causal=True)),
+    "causal-sq<sk": (2, 2, 1, 17, 45, 32, F16, dict(causal=True)),
+    "key-tail": (1, 2, 2, 20, 50, 32, F32, {}),
+    "window-both": (1, 2, 2, 40, 37, 32, F32, dict(window_size=(5, 3))),
+    "window-causal-softcap": (1, 2, 2, 50, 50, 32, F32,
+                              dict(window_size=(9, -1), causal=True, softcap=2.0)),
+    "softcap-causal": (1, 2, 1, 33, 40, 64, F16, dict(causal=True, softcap=3.0)),
+    "alibi-causal": (1, 2, 2, 33, 33, 32, F32, dict(causal=True, alibi="H")),
+    "keys-mask-causal": (2, 2, 2, 33, 33, 32, F32, dict(causal=True, mask="keys")),
+}
+
+
+@pytest.mark.parametrize("case", list(_DESCRIPTOR_CASES))
+def test_descriptor_path_interpreted(case, monkeypatch):
+    """The GPU's tensor-descriptor (TMA) load path of V2, run here by the interpreter, which
+    reads host descriptors of CPU tensors (production takes it on Hopper from 256 query rows:
+    the bounds are lowered to 0 here), matches the reference."""
+    from kernels import _launch
+
+    if _launch.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    monkeypatch.setattr(_launch, "_tma_ok", lambda *tensors: True)
+    monkeypatch.setattr(_launch, "_TMA_MIN_ROWS", 0)
+    monkeypatch.setattr(_launch, "_TMA_MIN_SCORES", 0)
+    made = spy_calls(monkeypatch, _launch, ("_descriptor",))
+    b, h, hkv, sq, sk, d, dtype, opts = _DESCRIPTOR_CASES[case]
+    opts = dict(opts)
+    q, k, v = make_qkv(b, h, sq, sk, d, dtype=dtype, kv_heads=hkv)
+    if opts.pop("alibi", None):
+        opts["alibi_slopes"] = alibi_slopes(h)
+    if opts.pop("mask", None):
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        mask[0, ..., sk // 2:] = False
+        opts["attn_mask"] = mask
+    check_call("v2", q, k, v, **opts)
+    assert made == ["_descriptor"] * 3, made
+
+
 # ----------------------------------------------------------------------------- autograd
 
 GRAD_CASES = {
