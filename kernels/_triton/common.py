@@ -19,6 +19,12 @@ MASK_BOOL = tl.constexpr(1)
 MASK_FLOAT = tl.constexpr(2)
 MASK_SCAN = tl.constexpr(2048)  # keys of a key-vector mask read per step of mask_key_bounds
 
+# Which blocks of a loop over key blocks get the bounds mask (keys past the sequence or
+# outside the causal/window band): none, all, or those from a run-time key on
+CHECK_NONE = tl.constexpr(0)
+CHECK_ALL = tl.constexpr(1)
+CHECK_TAIL = tl.constexpr(2)
+
 
 @triton.jit
 def _maximum(a, b):
@@ -84,7 +90,7 @@ def _modified(MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.
 @triton.jit
 def scores(
     q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
-    qk_scale, softcap, slope, mask_base, stride_mn,
+    qk_scale, softcap, slope, mask_base, stride_mn, tail,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
     BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -97,7 +103,9 @@ def scores(
     softcap*log2(e)); slope is the ALiBi slope times log2(e), a scalar or a [BM, 1] tile.
     mask_base points at the mask row of each query row ([BM] pointers), or at the one row
     shared by the tile when MASK_KEYS_ONLY (a scalar pointer: one BN-vector per K block).
-    With CHECK_BOUNDS, keys past seqlen_k and outside the causal/window band become -inf.
+    Keys past seqlen_k and outside the causal/window band become -inf: with CHECK_BOUNDS ==
+    CHECK_ALL, or CHECK_TAIL and ``tail``. (Mask loads are bounded whenever CHECK_BOUNDS is
+    not CHECK_NONE.)
     """
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
@@ -134,14 +142,26 @@ def scores(
                 s = tl.where(mvals != 0, s, float("-inf"))
             else:
                 s += mvals.to(tl.float32) * LOG2E
-    if CHECK_BOUNDS:
-        valid = offs_n[None, :] < seqlen_k
-        if BOUNDED_RIGHT:
-            valid = valid & (rel >= -window_right)
-        if BOUNDED_LEFT:
-            valid = valid & (rel <= window_left)
-        s = tl.where(valid, s, float("-inf"))
+    if CHECK_BOUNDS == CHECK_ALL:
+        s = _bounded(s, rel, offs_n, seqlen_k, window_left, window_right, BOUNDED_LEFT,
+                     BOUNDED_RIGHT)
+    elif CHECK_BOUNDS == CHECK_TAIL:
+        if tail:
+            s = _bounded(s, rel, offs_n, seqlen_k, window_left, window_right, BOUNDED_LEFT,
+                         BOUNDED_RIGHT)
     return s
+
+
+@triton.jit
+def _bounded(s, rel, offs_n, seqlen_k, window_left, window_right, BOUNDED_LEFT: tl.constexpr,
+             BOUNDED_RIGHT: tl.constexpr):
+    """s with keys past seqlen_k and outside the causal/window band set to -inf."""
+    valid = offs_n[None, :] < seqlen_k
+    if BOUNDED_RIGHT:
+        valid = valid & (rel >= -window_right)
+    if BOUNDED_LEFT:
+        valid = valid & (rel <= window_left)
+    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
@@ -162,7 +182,7 @@ def softmax_update(acc, m_i, l_i, s, v, scale, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def attend_block(
     acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
-    window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+    window_right, qk_scale, softcap, slope, mask_base, stride_mn, tail,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
     BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -170,8 +190,8 @@ def attend_block(
     """Scores of q against one K block, then the online-softmax step with its V block: the
     body every kernel's loop shares. Returns the new (acc, m_i, l_i)."""
     s = scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
-               qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND, MASK_KEYS_ONLY,
-               HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
+               qk_scale, softcap, slope, mask_base, stride_mn, tail, MASK_KIND,
+               MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
                DOT_PRECISION)
     if _modified(MASK_KIND, HAS_SOFTCAP, HAS_ALIBI):
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v, 1.0, DOT_PRECISION)
@@ -203,14 +223,15 @@ def attend_range(
     acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m, offs_nb, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd,
     seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope, mask_base,
-    stride_mn,
+    stride_mn, check_from,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
     BOUNDED_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold key blocks [start, stop) into (acc, m_i, l_i); row0 is the first key row of the
-    sequence in K/V (non-zero for varlen)."""
+    sequence in K/V (non-zero for varlen). CHECK_BOUNDS (CHECK_*) says which blocks get the
+    bounds mask; with CHECK_TAIL, those from key ``check_from`` on."""
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + offs_nb
         k = load_kv(k_src, b, kvh, row0, start_n, offs_nb, offs_d, seqlen_k,
@@ -219,9 +240,9 @@ def attend_range(
                      stride_vn, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, CHECK_BOUNDS, USE_TMA)
         acc, m_i, l_i = attend_block(
             acc, m_i, l_i, q, k, v, offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left,
-            window_right, qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND,
-            MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT, BOUNDED_RIGHT,
-            DOT_PRECISION)
+            window_right, qk_scale, softcap, slope, mask_base, stride_mn, start_n >= check_from,
+            MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_BOUNDS, BOUNDED_LEFT,
+            BOUNDED_RIGHT, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -234,30 +255,49 @@ def attend_band(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     """``attend_range`` over a band of key blocks from ``key_range``: [r0, r1) and [r4, r5)
     with bounds masks (the band's edges and the sequence tail), [r2, r3) without (its
-    interior). The three ranges are unrolled at compile time; [r0, r1), the blocks cut by a
-    window's left edge, is empty without one and then not compiled, and an empty range is
-    skipped at run time (its loop would still cost a pipeline prologue, a wait and a
-    barrier)."""
-    for part in tl.static_range(3):
-        if part == 0:
-            start, stop = r0, r1
-        elif part == 1:
-            start, stop = r2, r3
-        else:
-            start, stop = r4, r5
-        if part != 0 or BOUNDED_LEFT:
+    interior). [r0, r1), the blocks cut by a window's left edge, is empty without one and then
+    not compiled, and an empty range is skipped at run time (its loop would still cost a
+    pipeline prologue, a wait and a barrier). With ONE_LOOP, no mask and no ALiBi, [r2, r5)
+    runs as one loop that masks its blocks from r4 on, a run-time branch per block (any
+    blocks in [r3, r4) then run unmasked): the band's blocks load in the pipeline of the
+    interior instead of in a second loop's prologue, and on pointers every block's loads
+    check the key bound. V2 uses it with tensor descriptors on causal bands only; the
+    split-KV kernel not yet (unmeasured). (With ALiBi the one loop spilled under triton 3.6's
+    ptxas, 48-352 bytes at head_dim 64.)"""
+    if BOUNDED_LEFT:
+        if r0 < r1:
+            acc, m_i, l_i = attend_range(
+                acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r0, r1, offs_m, offs_nb, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn, r0,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+                CHECK_ALL, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    if ONE_LOOP and MASK_KIND == MASK_NONE and not HAS_ALIBI:
+        if r2 < r5:
+            acc, m_i, l_i = attend_range(
+                acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, r2, r5, offs_m, offs_nb, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
+                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn, r4,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
+                CHECK_TAIL, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+    else:
+        for part in tl.static_range(2):
+            if part == 0:
+                start, stop = r2, r3
+            else:
+                start, stop = r4, r5
             if start < stop:
                 acc, m_i, l_i = attend_range(
                     acc, m_i, l_i, q, k_src, v_src, b, kvh, row0, start, stop, offs_m,
                     offs_nb, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q,
                     seqlen_k, diag, window_left, window_right, qk_scale, softcap, slope,
-                    mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND,
-                    MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, part != 1, BOUNDED_LEFT,
-                    BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+                    mask_base, stride_mn, start, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND,
+                    MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_NONE if part == 0 else CHECK_ALL,
+                    BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
     return acc, m_i, l_i
 
 

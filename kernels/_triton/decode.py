@@ -85,7 +85,7 @@ def attention_fwd_splitkv(
         stride_kd, stride_vn, stride_vd, Sq, Sk, diag, window_left, window_right, qk_scale,
         softcap, slope, mask_base, stride_mn, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND,
         MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION,
-        False)
+        False, False)
 
     out, lse = finalize(acc, m_i, l_i)
     last = True

@@ -8,7 +8,7 @@ A last pass normalises the workspace into the output. Same scores and softmax st
 import triton
 import triton.language as tl
 
-from .common import LOG2E, attend_block, finalize, load_tile
+from .common import CHECK_ALL, LOG2E, attend_block, finalize, load_tile
 
 
 @triton.jit
@@ -86,8 +86,8 @@ def attention_fwd_v1(
                 mask_base = mask_head + offs_m.to(tl.int64) * stride_mm
             acc, m_i, l_i = attend_block(
                 acc, m_i, l_i, q, k, v, offs_m, offs_n, Sq, Sk, diag, window_left,
-                window_right, qk_scale, softcap, slope, mask_base, stride_mn, MASK_KIND,
-                MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, True, BOUNDED_LEFT, BOUNDED_RIGHT,
+                window_right, qk_scale, softcap, slope, mask_base, stride_mn, True, MASK_KIND,
+                MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI, CHECK_ALL, BOUNDED_LEFT, BOUNDED_RIGHT,
                 DOT_PRECISION)
             tl.store(acc_ptrs, acc, mask=rows[:, None])
             tl.store(M + ml_base + offs_m, m_i, mask=rows)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    CHECK_NONE,
     LOG2E,
     MASK_NONE,
     MASK_SCAN,
@@ -111,17 +112,20 @@ def attention_fwd_v2(
             acc, m_i, l_i = attend_range(
                 acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, a, free_hi, offs_m, offs_nb,
                 offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k, diag,
-                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
+                window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn, a,
                 HEAD_DIM, BLOCK_D, BLOCK_N, MASK_NONE, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-                False, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+                CHECK_NONE, BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
         else:
             free_hi = a
+        # One pipelined loop over the interior and the band (ONE_LOOP) where the band has a
+        # right edge (causal): +1-5% at head_dim 64 on the H100; without one it cost 3-5%
+        # (benchmarks/NOTES.md, thirty-first session).
         acc, m_i, l_i = attend_band(
             acc, m_i, l_i, q, k_src, v_src, b, kvh, k_row0, lo, a, free_hi, c, c, hi, offs_m,
             offs_nb, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_q, seqlen_k,
             diag, window_left, window_right, qk_scale, softcap, slope, mask_base, stride_mn,
             HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KIND, MASK_KEYS_ONLY, HAS_SOFTCAP, HAS_ALIBI,
-            BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA)
+            BOUNDED_LEFT, BOUNDED_RIGHT, DOT_PRECISION, USE_TMA, USE_TMA and BOUNDED_RIGHT)
 
         out, lse = finalize(acc, m_i, l_i)
         o_base = O + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
