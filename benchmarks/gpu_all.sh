@@ -2,7 +2,8 @@
 # Everything the GPU has to show, as named parts that one device call or several run in order:
 #   tests      the GPU tests of every file that has them, six pytest processes side by side
 #              (test_features and test_hopper each split in two halves by node id);
-#              tests.log: each lane's summary
+#              tests.log: each lane's summary; test_lanes/<lane>.log, written as the tests
+#              run, so that a call cut by the device's time limit still returns them
 #   features   bench_features (decode, masked prefill, GQA, peak memory; issue 3)
 #   encoder    bench_encoder (nn.TransformerEncoder before and after the swap; issue 4)
 #   attention  bench_attention --check, one process per dtype (issues 2 and 7);
@@ -19,26 +20,27 @@
 # first, then the tests that need both devices.
 export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_all}
-work=$(mktemp -d)  # per-process test logs and the tests' Triton cache (not sent back)
+work=$(mktemp -d)  # the tests' node-id lists and Triton cache (not sent back)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 gpus=$(nvidia-smi -L | wc -l)
 
 part_tests() {
-    local logs=$work pids=() lanes=() lane i lane_rc rc=0 name
+    local logs=$out/test_lanes pids=() lanes=() lane i lane_rc rc=0 name
+    mkdir -p "$logs"
     for name in features hopper; do  # the two longest files, halved by node id
         python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider "tests/test_$name.py" \
-            | grep '::' > "$logs/${name}_ids"
-        local half=$(( ($(wc -l < "$logs/${name}_ids") + 1) / 2 ))
-        head -n "$half" "$logs/${name}_ids" > "$logs/${name}_a"
-        tail -n +"$((half + 1))" "$logs/${name}_ids" > "$logs/${name}_b"
+            | grep '::' > "$work/${name}_ids"
+        local half=$(( ($(wc -l < "$work/${name}_ids") + 1) / 2 ))
+        head -n "$half" "$work/${name}_ids" > "$work/${name}_a"
+        tail -n +"$((half + 1))" "$work/${name}_ids" > "$work/${name}_b"
     done
     for lane in features_a features_b hopper_a hopper_b "compile hf plans" \
                 "mha attention_modules"; do
         local files=() f
         if [[ $lane == *_? ]]; then
-            mapfile -t files < "$logs/$lane"
+            mapfile -t files < "$work/$lane"
         else
             for f in $lane; do files+=("tests/test_$f.py"); done
         fi
